@@ -1,0 +1,114 @@
+"""Readable PyTorch definitions of every Dispersive Loss variant: the oracle.
+
+Wang and He (2025), "Diffuse and Disperse", arXiv 2506.09027, Table 1. Every fast
+path in this package (the Gram-matrix autograd path in ``kernels.gram`` and the
+Triton kernels) is tested against these functions in float64 (``upcast=True``).
+They favour clarity over speed and memory: pairwise distances are formed
+explicitly (``torch.cdist`` without the matrix-multiply shortcut), and gradients
+come from autograd.
+
+Conventions shared by every variant (``z`` has shape ``(N, ...)`` and is
+flattened to ``(N, D)``):
+
+* ``infonce_l2``: ``log( (1/N^2) sum_ij exp(-d_ij / tau) )`` with
+  ``d_ij = ||z_i - z_j||^2 / D`` (``normalize_by_dim=False`` drops the ``/ D``).
+  All N^2 ordered pairs count, the diagonal (``d_ii = 0``) included, exactly as
+  the official release builds it; so the loss lies in ``[-log N, 0]``.
+* ``infonce_cosine``: ``log( (1/N^2) sum_ij exp(cos(z_i, z_j) / tau) )``, the
+  paper's dissimilarity ``D_ij = -cos``. Equal rows give ``1 / tau``.
+  Row norms are clamped below at ``COSINE_EPS`` (as ``F.normalize`` does).
+* ``hinge``: ``(1/N^2) sum_ij max(0, margin - d_ij)^2`` with the same ``d_ij``
+  as ``infonce_l2`` (diagonal included: it adds the constant ``margin^2 / N``).
+  The paper does not state the margin; ``DEFAULT_MARGIN = 1.0`` is ours.
+* ``covariance``: rows are L2-normalised (norms clamped at ``COSINE_EPS``),
+  centred over the batch, ``C = Zc^T Zc / N`` (population, 1/N convention), and
+  the loss is the sum of squared off-diagonal entries ``sum_{m != n} C_mn^2``.
+  ``||C||_F^2 = ||Zc Zc^T||_F^2 / N^2`` lets us avoid the D x D matrix;
+  ``tests/test_reference.py`` checks that identity against the explicit C.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Variant = Literal["infonce_l2", "infonce_cosine", "hinge", "covariance"]
+VARIANTS: tuple[str, ...] = ("infonce_l2", "infonce_cosine", "hinge", "covariance")
+DEFAULT_MARGIN = 1.0
+COSINE_EPS = 1e-12
+
+
+def _flatten(z: torch.Tensor, upcast: bool) -> torch.Tensor:
+    z = z.reshape(z.shape[0], -1)
+    if upcast:
+        return z.double()
+    # Half precision has no cdist kernel on CPU; float32 is the natural
+    # "same-dtype" comparison point for fp16/bf16 inputs.
+    return z if z.dtype in (torch.float32, torch.float64) else z.float()
+
+
+def _sq_dists(z: torch.Tensor, normalize_by_dim: bool) -> torch.Tensor:
+    """(N, N) squared Euclidean distances, from explicit differences."""
+    d = torch.cdist(z, z, compute_mode="donot_use_mm_for_euclid_dist").square()
+    return d / z.shape[1] if normalize_by_dim else d
+
+
+def _log_mean_exp(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits.flatten(), dim=0) - math.log(logits.numel())
+
+
+def infonce_l2(z: torch.Tensor, tau: float = 1.0, *, normalize_by_dim: bool = True,
+               upcast: bool = False) -> torch.Tensor:
+    z = _flatten(z, upcast)
+    return _log_mean_exp(-_sq_dists(z, normalize_by_dim) / tau)
+
+
+def infonce_cosine(z: torch.Tensor, tau: float = 1.0, *, upcast: bool = False) -> torch.Tensor:
+    z = F.normalize(_flatten(z, upcast), dim=1, eps=COSINE_EPS)
+    return _log_mean_exp(z @ z.T / tau)
+
+
+def hinge(z: torch.Tensor, margin: float = DEFAULT_MARGIN, *, normalize_by_dim: bool = True,
+          upcast: bool = False) -> torch.Tensor:
+    z = _flatten(z, upcast)
+    return F.relu(margin - _sq_dists(z, normalize_by_dim)).square().mean()
+
+
+def covariance(z: torch.Tensor, *, upcast: bool = False) -> torch.Tensor:
+    z = F.normalize(_flatten(z, upcast), dim=1, eps=COSINE_EPS)
+    n = z.shape[0]
+    zc = z - z.mean(dim=0, keepdim=True)                      # (N, D)
+    frobenius_sq = (zc @ zc.T).square().sum() / n**2          # ||C||_F^2
+    diagonal_sq = (zc.square().sum(dim=0) / n).square().sum()  # sum_m C_mm^2
+    return frobenius_sq - diagonal_sq
+
+
+def reference_dispersive_loss(z: torch.Tensor, variant: Variant = "infonce_l2", *, tau: float = 1.0,
+                              margin: float = DEFAULT_MARGIN, normalize_by_dim: bool = True,
+                              upcast: bool = False) -> torch.Tensor:
+    """The reference value of ``variant`` on ``z`` (N, ...); float64 when ``upcast``."""
+    if variant == "infonce_l2":
+        return infonce_l2(z, tau, normalize_by_dim=normalize_by_dim, upcast=upcast)
+    if variant == "infonce_cosine":
+        return infonce_cosine(z, tau, upcast=upcast)
+    if variant == "hinge":
+        return hinge(z, margin, normalize_by_dim=normalize_by_dim, upcast=upcast)
+    if variant == "covariance":
+        return covariance(z, upcast=upcast)
+    raise ValueError(f"unknown dispersive-loss variant {variant!r}; expected one of {VARIANTS}")
+
+
+def release_dispersive_loss(z: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """The official PyTorch release's formulation: the "unfused baseline".
+
+    Restated from its description: ``pdist`` gives the N(N-1)/2 distances of the
+    upper triangle; squared and divided by D they are concatenated twice, with N
+    zeros for the diagonal, to stand for the full N x N matrix, and the loss is
+    ``log(mean(exp(-d / tau)))`` (the release fixes tau = 1).
+    """
+    z = z.reshape(z.shape[0], -1)
+    upper = F.pdist(z).square() / z.shape[1]
+    pairs = torch.cat((upper, upper, torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)))
+    return torch.log(torch.exp(-pairs / tau).mean())

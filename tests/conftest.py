@@ -1,0 +1,26 @@
+"""Shared test fixtures: the release fixtures file and a fresh seed per test."""
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("DISP_FIXTURES", REPO.parent / "shared" / "fixtures"))
+
+
+@pytest.fixture(scope="session")
+def release_fixtures() -> dict:
+    path = FIXTURES / "official_reference_seed0.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"release fixtures not found at {path}; set DISP_FIXTURES to the folder")
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture
+def rng(request) -> torch.Generator:
+    """A generator seeded from the test's own name: fresh inputs per case, reproducible."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
