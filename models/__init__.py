@@ -1,0 +1,39 @@
+"""SiT/DiT diffusion-transformer backbones (release-compatible weights and outputs)."""
+
+from .attention import flash_attn_available
+from .checkpoint import (
+    CheckpointMismatchError,
+    describe_mismatch,
+    load_checkpoint_file,
+    load_model,
+    load_state_dict_from_checkpoint,
+    load_weights,
+)
+from .config import ModelConfig
+from .dit import DiffusionTransformer, resolve_blocks, sincos_2d, timestep_embedding
+from .flops import flops_per_sample, macs_breakdown, macs_per_sample
+from .registry import MODELS, SIZES, create_model, get_config, list_models, resolve_name
+
+__all__ = [
+    "CheckpointMismatchError",
+    "DiffusionTransformer",
+    "MODELS",
+    "ModelConfig",
+    "SIZES",
+    "create_model",
+    "describe_mismatch",
+    "flash_attn_available",
+    "flops_per_sample",
+    "get_config",
+    "list_models",
+    "load_checkpoint_file",
+    "load_model",
+    "load_state_dict_from_checkpoint",
+    "load_weights",
+    "macs_breakdown",
+    "macs_per_sample",
+    "resolve_blocks",
+    "resolve_name",
+    "sincos_2d",
+    "timestep_embedding",
+]
