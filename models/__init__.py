@@ -12,7 +12,7 @@ from .checkpoint import (
 from .config import ModelConfig
 from .dit import DiffusionTransformer, resolve_blocks, sincos_2d, timestep_embedding
 from .flops import flops_per_sample, macs_breakdown, macs_per_sample
-from .registry import MODELS, SIZES, create_model, get_config, list_models, resolve_name
+from .registry import MODELS, SIZES, create_model, get_config, list_models, release_name, resolve_name
 
 __all__ = [
     "CheckpointMismatchError",
@@ -33,6 +33,7 @@ __all__ = [
     "macs_breakdown",
     "macs_per_sample",
     "resolve_blocks",
+    "release_name",
     "resolve_name",
     "sincos_2d",
     "timestep_embedding",

@@ -107,3 +107,8 @@ def create_model(name: str, **overrides) -> DiffusionTransformer:
     `with torch.device("meta"):` to count parameters without allocating them.
     """
     return DiffusionTransformer(get_config(name, **overrides))
+
+
+def release_name(name: str) -> str:
+    """The releases' spelling of a model name (``sit_xl`` -> ``SiT-XL/2``), as their ``args.model``."""
+    return _release_spelling(*MODELS[resolve_name(name)])

@@ -1,0 +1,162 @@
+"""Typed training configuration. Defaults follow the SiT/DiT releases.
+
+Every field is also a command-line flag of ``engine/train.py`` (see ``engine.cli``);
+``--config run.json`` loads a whole config first, flags then override it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from .cli import section
+from .objective import DispersiveConfig
+from .transport import TransportConfig
+
+
+@dataclass
+class ModelSection:
+    cli_names: ClassVar[dict[str, str]] = {"name": "model"}
+
+    name: str = "sit_xl"
+    """Registry name (``sit_s`` ... ``sit_xl``, ``dit_b_4``, or release spellings like ``SiT-XL/2``)."""
+    attention: Literal["auto", "sdpa", "flash", "math"] = "auto"
+    """Attention kernel: flash-attn when installed and on CUDA half precision, else SDPA."""
+    grad_checkpointing: bool = False
+    """Recompute each block's activations in backward (saves memory, costs ~30% time)."""
+    compile: bool = False
+    """Run the model under ``torch.compile``."""
+    class_dropout_prob: float = 0.1
+    """Label dropout for classifier-free guidance (the releases' 0.1)."""
+    depth: int | None = None
+    """Override the named size's number of blocks (small models for tests and demos)."""
+    hidden_size: int | None = None
+    """Override the named size's hidden width."""
+    num_heads: int | None = None
+    """Override the named size's attention heads."""
+    patch_size: int | None = None
+    """Override the named model's patch size."""
+
+    def overrides(self) -> dict[str, int]:
+        """The size overrides that were set, in ``models.create_model``'s argument names."""
+        names = ("depth", "hidden_size", "num_heads", "patch_size")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+@dataclass
+class DataSection:
+    data: str = "synthetic"
+    """A latent dataset directory (engine/DATA.md), ``digits`` (built-in) or ``synthetic``."""
+    loader: Literal["auto", "dali", "torch"] = "auto"
+    """DALI pipeline when installed (``auto``), or the torch DataLoader."""
+    flip: bool = True
+    """Random horizontal flips in latent space (the releases flip images)."""
+    num_workers: int = 2
+    """DataLoader worker processes (torch loader only)."""
+    synthetic_samples: int = 512
+    """Number of samples of the ``synthetic`` dataset."""
+    synthetic_shape: tuple[int, int, int] = (4, 32, 32)
+    """(C, H, W) of the ``synthetic`` dataset (SD-VAE latents of 256x256 images)."""
+    synthetic_classes: int = 1000
+    """Classes of the ``synthetic`` dataset."""
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    """AdamW learning rate (constant after warm-up, as the releases)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (the releases use 0)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas; the Dispersive Loss paper's JAX runs use (0.9, 0.95)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps (the releases use none)."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables clipping (as the releases)."""
+    fused: bool = True
+    """Use torch's fused AdamW kernel on CUDA (covers apex's FusedAdam)."""
+    apex: bool = False
+    """Use apex's FusedAdam instead (only if apex is installed; it is not on PyPI)."""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = section(ModelSection)
+    data: DataSection = section(DataSection)
+    transport: TransportConfig = section(TransportConfig, prefix="transport-")
+    dispersive: DispersiveConfig = section(DispersiveConfig, prefix="disp-")
+    optim: OptimSection = section(OptimSection)
+
+    global_batch: int = 256
+    """Images per optimizer step over all ranks (the releases' 256)."""
+    micro_batch: int | None = None
+    """Images per rank per forward; None = global_batch / world size (no accumulation)."""
+    max_steps: int = 400_000
+    """Optimizer steps to train for."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """fp32 (the releases) or bf16 mixed precision (fp32 master weights and EMA)."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage."""
+    offload: bool = False
+    """ZeRO-Offload: keep optimizer states (and with stage 3, parameters) in CPU memory."""
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON whose entries override the generated ones."""
+    ema_decay: float = 0.9999
+    """EMA decay per optimizer step (kept in fp32)."""
+    seed: int = 0
+    """Global seed; rank r uses seed + r for its noise and times."""
+    results_dir: str = "runs/train"
+    """Where checkpoints, samples, logs and the summary go."""
+    ckpt_every: int = 50_000
+    """Checkpoint every this many steps (and always at the end)."""
+    keep_last_k: int = 3
+    """Keep only the newest k checkpoints (0 keeps all)."""
+    resume: str | None = None
+    """``auto`` (latest complete checkpoint in results_dir, if any) or a checkpoint directory."""
+    log_every: int = 100
+    """Log a line and a metrics record every this many steps."""
+    sample_every: int = 0
+    """Write an EMA sample grid every this many steps (0: only at the end)."""
+    sample_count: int = 16
+    """Images in each sample grid."""
+    sample_steps: int = 50
+    """Sampler steps for the grids (Euler ODE for SiT, DDIM for DiT)."""
+    cfg_scale: float = 1.0
+    """Guidance scale for the sample grids (1 = none)."""
+    profile_steps: tuple[int, int] | None = None
+    """Trace steps [a, b) with torch.profiler into results_dir/profile (Chrome trace)."""
+    max_nonfinite: int = 10
+    """Stop after this many consecutive steps skipped for a non-finite loss or gradient."""
+    timeout_minutes: float = 30.0
+    """Collective timeout: a rank that dies makes the others fail after this, not hang."""
+
+    def __post_init__(self) -> None:
+        if self.global_batch < 1:
+            raise ValueError(f"--global-batch must be >= 1, got {self.global_batch}")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ValueError(f"--micro-batch must be >= 1, got {self.micro_batch}")
+        if self.max_steps < 1:
+            raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        for name in ("ckpt_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.keep_last_k < 0 or self.sample_every < 0 or self.max_nonfinite < 1:
+            raise ValueError("--keep-last-k and --sample-every must be >= 0, --max-nonfinite >= 1")
+        if self.optim.lr <= 0 or self.optim.grad_clip < 0 or self.optim.warmup_steps < 0:
+            raise ValueError("--lr must be > 0; --grad-clip and --warmup-steps must be >= 0")
+        if self.profile_steps is not None and not 0 <= self.profile_steps[0] < self.profile_steps[1]:
+            raise ValueError(f"--profile-steps must be A B with 0 <= A < B, got {self.profile_steps}")
+
+    def batch_layout(self, world_size: int) -> tuple[int, int]:
+        """(micro batch, gradient accumulation steps) for ``world_size`` ranks, or a clear error."""
+        micro = self.micro_batch or max(1, self.global_batch // world_size)
+        if self.global_batch % (world_size * micro):
+            raise ValueError(
+                f"--global-batch {self.global_batch} is not divisible by world size {world_size} x "
+                f"--micro-batch {micro} = {world_size * micro}; choose a global batch that is a "
+                f"multiple of {world_size * micro} or a micro batch that divides "
+                f"{self.global_batch // world_size if self.global_batch % world_size == 0 else 'it'}")
+        return micro, self.global_batch // (world_size * micro)

@@ -1,0 +1,82 @@
+"""Train SiT/DiT with Dispersive Loss on DeepSpeed ZeRO.
+
+    deepspeed engine/train.py --model sit_xl --data /data/imagenet-latents --disp-preset release
+    torchrun --nproc-per-node 8 engine/train.py --model sit_b --zero-stage 1
+    python engine/train.py --model sit_s --data digits --max-steps 200 --global-batch 64
+
+Every config field is a flag (``--help`` lists them); ``--config run.json`` loads a
+saved config (``results_dir/config.json``) and flags override it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.cli import add_config_arguments, apply_overrides, config_from_dict, config_to_dict, overrides_from_args
+from engine.config import TrainConfig
+from engine.objective import DispersiveConfig
+
+
+def parse(argv: list[str] | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="JSON config to start from (e.g. a run's config.json)")
+    parser.add_argument("--disp-preset", choices=["paper", "release", "none"],
+                        help="Dispersive Loss preset: paper (lambda 0.5, tau 0.5, block depth//4), "
+                             "release (lambda 0.25, tau 1, last block) or none; --disp-* flags override it")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by launchers
+    add_config_arguments(parser, TrainConfig)
+    args = parser.parse_args(argv)
+    try:
+        cfg = TrainConfig()
+        if args.config:
+            with open(args.config) as f:
+                cfg = config_from_dict(TrainConfig, json.load(f))
+        overrides = overrides_from_args(args)
+        if args.disp_preset:
+            import dataclasses
+            cfg = dataclasses.replace(cfg, dispersive=DispersiveConfig.preset(args.disp_preset))
+        cfg = apply_overrides(cfg, overrides)
+        check_before_launch(cfg)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        parser.error(str(e))
+    if args.print_config:
+        print(json.dumps(config_to_dict(cfg), indent=2))
+        sys.exit(0)
+    return cfg
+
+
+def check_before_launch(cfg: TrainConfig) -> None:
+    """Everything that can fail is checked here, before any process group or model exists."""
+    import models
+
+    models.resolve_name(cfg.model.name)  # unknown model: the error lists the valid names
+    cfg.batch_layout(int(os.environ.get("WORLD_SIZE", "1")))
+    if cfg.data.data not in ("digits", "synthetic") and not (Path(cfg.data.data) / "manifest.json").exists():
+        raise FileNotFoundError(f"--data {cfg.data.data}: no latent dataset there (no manifest.json); "
+                                "pass 'digits', 'synthetic' or a folder written by engine.extract_latents")
+    if cfg.deepspeed_config and not Path(cfg.deepspeed_config).exists():
+        raise FileNotFoundError(f"--deepspeed-config {cfg.deepspeed_config}: no such file")
+    if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_dir():
+        raise FileNotFoundError(f"--resume {cfg.resume}: no such checkpoint directory (or use --resume auto)")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse(argv)
+    from engine.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    if trainer.is_main:
+        with open(Path(cfg.results_dir) / "config.json", "w") as f:
+            json.dump(config_to_dict(cfg), f, indent=2)
+    return trainer.fit()
+
+
+if __name__ == "__main__":
+    main()

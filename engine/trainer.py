@@ -1,0 +1,441 @@
+"""The training loop: DeepSpeed ZeRO engine, EMA, checkpoints, logging, robustness.
+
+``engine/train.py`` parses a :class:`~engine.config.TrainConfig` and calls
+``Trainer(cfg).fit()``. Everything the run needs to continue bit-identically
+(weights, EMA, optimizer, LR schedule, data position, every RNG stream) is in the
+checkpoint; see ``engine/checkpoint.py`` for the layout.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import models
+from .checkpoint import CheckpointDir, atomic_torch_save, tag_for
+from .cli import config_to_dict
+from .config import TrainConfig
+from .distributed import any_true, barrier, init_distributed
+from .ema import EMA
+from .metrics import MetricsWriter, PhaseTimer, peak_tflops
+from .objective import build_objective
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+def deepspeed_config(cfg: TrainConfig, micro: int, accum: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for ``cfg``; entries of ``cfg.deepspeed_config`` override it."""
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage >= 2:
+        zero.update(overlap_comm=True, contiguous_gradients=True)
+    if cfg.offload and cfg.zero_stage >= 1:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if cfg.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    ds = {
+        "train_batch_size": cfg.global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        # The client optimizer is torch's AdamW: deterministic resume, no JIT-built ops.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed_config:
+        with open(cfg.deepspeed_config) as f:
+            ds = _merge(ds, json.load(f))
+    return ds
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def prepare_dataset(cfg: TrainConfig, rank: int) -> Path:
+    """The dataset directory; the built-in ones are generated once, by rank 0."""
+    from .digits import make_digits_dataset, make_synthetic_dataset
+
+    data = cfg.data
+    if data.data not in ("digits", "synthetic"):
+        path = Path(data.data)
+        if not (path / "manifest.json").exists():
+            raise FileNotFoundError(f"--data {path}: no latent dataset there (no manifest.json); "
+                                    "use 'digits', 'synthetic' or a folder written by engine.extract_latents")
+        return path
+    cache = REPO_ROOT / "build" / "data"
+    if data.data == "digits":
+        path = cache / "digits16"
+        if rank == 0:
+            make_digits_dataset(path)
+    else:
+        c, h, w = data.synthetic_shape
+        path = cache / f"synthetic-{data.synthetic_samples}-{c}x{h}x{w}-{data.synthetic_classes}"
+        if rank == 0 and not (path / "manifest.json").exists():
+            make_synthetic_dataset(path, data.synthetic_samples, shape=data.synthetic_shape,
+                                   num_classes=data.synthetic_classes, seed=0)
+    barrier()
+    return path
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.rank, self.world, self.device = init_distributed(cfg.timeout_minutes)
+        self.micro, self.accum = cfg.batch_layout(self.world)
+        self.is_main = self.rank == 0
+        self.out = Path(cfg.results_dir)
+        self.ckpts = CheckpointDir(self.out / "checkpoints")
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self._seed(cfg.seed + self.rank)
+
+        from .latents import read_manifest
+        self.data_path = prepare_dataset(cfg, self.rank)
+        manifest = read_manifest(self.data_path)
+        c, h, _ = manifest.shape
+        self.model_cfg = models.get_config(
+            cfg.model.name, input_size=h, in_channels=c, num_classes=manifest.num_classes,
+            class_dropout_prob=cfg.model.class_dropout_prob, attention=cfg.model.attention,
+            grad_checkpointing=cfg.model.grad_checkpointing, **cfg.model.overrides())
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = models.create_model(cfg.model.name, **{k: v for k, v in self.model_cfg.to_dict().items()
+                                                       if k != "family"})
+        self._seed(cfg.seed + self.rank)
+        self.ema = EMA(model)
+        self.ema.model.to(self.device)
+        self.engine = self._deepspeed(model)
+        if cfg.model.compile:
+            self.engine.compile()  # DeepSpeed compiles the wrapped module in place
+        # Full fp32 weights must be gathered unless the module already holds them.
+        self.gather = cfg.zero_stage == 3 or cfg.precision == "bf16"
+        self.objective = build_objective(
+            self.model_cfg.family, dispersive=cfg.dispersive,
+            **({"transport": cfg.transport} if self.model_cfg.family == "sit" else {}))
+
+        from .data import build_loader
+        self.loader = build_loader(self.data_path, micro_batch=self.micro, rank=self.rank,
+                                   world_size=self.world, seed=cfg.seed, flip=cfg.data.flip,
+                                   device=self.device, backend=cfg.data.loader,
+                                   num_workers=cfg.data.num_workers)
+        self.step = 0
+        self.images_seen = 0
+        self.nonfinite_run = 0
+        self.skipped = 0
+        self._stop_signal = False
+        self.timer = PhaseTimer(self.device)
+        self.metrics = MetricsWriter(self.out, self.is_main)
+        self.flops_per_image = models.flops_per_sample(self.model_cfg, backward=True)
+        self.peak = peak_tflops(self.device, cfg.precision)
+
+    # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _seed(seed: int) -> None:
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+
+    def _deepspeed(self, model: torch.nn.Module):
+        import deepspeed
+
+        o = self.cfg.optim
+        params = [p for p in model.parameters() if p.requires_grad]
+        if o.apex:
+            try:
+                from apex.optimizers import FusedAdam
+            except ImportError as e:
+                raise ImportError("--apex asks for apex's FusedAdam, but NVIDIA apex is not installed "
+                                  "(it is not on PyPI; build it from NVIDIA's repository), or drop --apex "
+                                  "to use torch's fused AdamW") from e
+            optimizer = FusedAdam(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                                  adam_w_mode=True)
+        else:
+            fused = o.fused and self.device.type == "cuda" and not self.cfg.offload
+            optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps,
+                                          weight_decay=o.weight_decay, fused=fused or None)
+        warmup = o.warmup_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        ds_config = deepspeed_config(self.cfg, self.micro, self.accum)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                          config=ds_config)
+        if self.is_main:
+            with open(self.out / "deepspeed_config.json", "w") as f:
+                json.dump(ds_config, f, indent=2)
+        return engine
+
+    # ----------------------------------------------------------- checkpoints
+    def save(self) -> None:
+        """Every rank writes its DeepSpeed shards and state; rank 0 completes the save."""
+        step = self.step
+        path = self.ckpts.path(step)
+        self.engine.save_checkpoint(str(self.ckpts.root), tag=tag_for(step), save_latest=False)
+        full = self.ema.full_weights(self.engine, self.gather)  # collective under ZeRO-3
+        torch.save({"step": step, "images_seen": self.images_seen, "skipped": self.skipped,
+                    "rng": _rng_state(), "loader": self.loader.state_dict()},
+                   path / f"trainer-rank{self.rank:02d}.pt")
+        if self.is_main:
+            torch.save(self.ema.state_dict(), path / "ema.pt")
+        barrier()  # every rank's files are on disk before the checkpoint is declared complete
+        if self.is_main:
+            atomic_torch_save({"model": full, "ema": self.ema.state_dict(), "args": self._release_args(),
+                               "config": self.model_cfg.to_dict(), "step": step},
+                              self.ckpts.release_path(step))
+            self.ckpts.mark_complete(step)
+            self.ckpts.prune(self.cfg.keep_last_k)
+        barrier()
+
+    def _release_args(self) -> dict[str, Any]:
+        """The releases' ``args`` fields their sampling scripts read (a dict, not a Namespace,
+        so ``torch.load(weights_only=True)`` can read it)."""
+        mc = self.model_cfg
+        return {"model": models.release_name(self.cfg.model.name), "image_size": mc.input_size * 8, "num_classes": mc.num_classes,
+                "global_batch_size": self.cfg.global_batch, "global_seed": self.cfg.seed,
+                "train_config": config_to_dict(self.cfg)}
+
+    def load(self, path: Path) -> None:
+        load_dir, tag = str(path.parent), path.name
+        _, client = self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if client is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
+        self.ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=True))
+        mine = path / f"trainer-rank{self.rank:02d}.pt"
+        state = torch.load(mine, map_location="cpu", weights_only=False)  # numpy RNG state is not a tensor
+        self.step, self.images_seen, self.skipped = state["step"], state["images_seen"], state["skipped"]
+        self.loader.load_state_dict(state["loader"])
+        _set_rng_state(state["rng"])
+
+    # ------------------------------------------------------------------ loop
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = True
+
+    def _micro_step(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, y, valid = batch["x"], batch["y"], batch["valid"]
+        if self.cfg.precision == "bf16":
+            x = x.to(torch.bfloat16)
+        with self.timer.phase("forward"):
+            out = self.objective(self.engine, x, y, valid=valid)
+        return out["loss"], out
+
+    def train_step(self, it) -> dict[str, float] | None:
+        """One optimizer step (``accum`` micro-batches); None when it was skipped."""
+        logs: dict[str, float] = {}
+        bad_any = False
+        for _ in range(self.accum):
+            with self.timer.phase("data"):
+                batch = next(it)
+            loss, out = self._micro_step(batch)
+            # One tiny all-reduce per micro-batch (a host sync): every rank must agree on
+            # skipping, and on stopping after SIGTERM, or the collectives would desynchronise.
+            flags = any_true(torch.stack([~torch.isfinite(loss.detach()).cpu(),
+                                          torch.tensor(self._stop_signal)]))
+            bad, self._stop_signal = bool(flags[0]), bool(flags[1])
+            bad_any |= bad
+            if bad and self.accum == 1:
+                break  # skip backward and the optimizer step: the weights stay as they were
+            if bad:  # inside an accumulation window: contribute nothing from this micro-batch
+                loss, out = self._micro_step({**batch, "x": torch.zeros_like(batch["x"]),
+                                              "valid": torch.zeros_like(batch["valid"])})
+                loss = loss * 0.0
+            with self.timer.phase("backward"):
+                self.engine.backward(loss)
+            with self.timer.phase("optimizer"):
+                skipped_before = self.engine.skipped_steps
+                self.engine.step()
+            bad_any |= self.engine.skipped_steps != skipped_before  # DeepSpeed saw a non-finite gradient
+            for key, value in out.items():
+                if key != "loss":
+                    logs[key] = logs.get(key, 0.0) + float(value) / self.accum
+        self.step += 1
+        self.images_seen += self.cfg.global_batch
+        if bad_any:
+            self.skipped += 1
+            self.nonfinite_run += 1
+            if self.nonfinite_run >= self.cfg.max_nonfinite:
+                raise NonFiniteError(
+                    f"{self.nonfinite_run} consecutive steps had a non-finite loss or gradient "
+                    f"(last at step {self.step}); stopping without a checkpoint from this state. "
+                    f"Resume from the last checkpoint with a lower --lr, --grad-clip, or fp32.")
+            return None
+        self.nonfinite_run = 0
+        with self.timer.phase("ema"):
+            self.ema.update(self.engine, self.cfg.ema_decay, self.gather)
+        norm = self.engine.get_global_grad_norm()
+        logs["grad_norm"] = float(norm) if norm is not None else math.nan
+        logs["lr"] = self.engine.get_lr()[0]
+        return logs
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        resume = self.ckpts.resolve_resume(cfg.resume)
+        if resume is not None:
+            self.load(resume)
+        self._print_startup(resume)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.is_main, desc="train",
+                   dynamic_ncols=True)
+        it = iter(self.loader)
+        last: dict[str, float] = {}
+        window_start, window_images = time.perf_counter(), 0
+        profiler = None
+        stopped_by_signal = False
+        while self.step < cfg.max_steps:
+            if cfg.profile_steps and self.step == cfg.profile_steps[0]:
+                profiler = self._start_profiler()
+            log_now = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
+            self.timer.sync = log_now
+            logs = self.train_step(it)
+            window_images += cfg.global_batch
+            if profiler is not None and self.step >= cfg.profile_steps[1]:
+                self._stop_profiler(profiler)
+                profiler = None
+            bar.update(1)
+            if logs is not None:
+                last = logs
+            if log_now:
+                elapsed = time.perf_counter() - window_start
+                self._log(last, window_images / elapsed, self.timer.pop(), bar)
+                window_start, window_images = time.perf_counter(), 0
+            if cfg.sample_every and self.step % cfg.sample_every == 0:
+                self.sample_grid()
+            if self._stop_signal:
+                stopped_by_signal = True
+                break
+            if self.step % cfg.ckpt_every == 0 and self.step < cfg.max_steps:
+                self.save()
+        bar.close()
+        if profiler is not None:
+            self._stop_profiler(profiler)
+        self.save()
+        grid = self.sample_grid()
+        summary = self._summary(last, grid, stopped_by_signal)
+        return summary
+
+    # ------------------------------------------------------------ reporting
+    def _print_startup(self, resume: Path | None) -> None:
+        if not self.is_main:
+            return
+        mc = self.model_cfg
+        n_params = sum(p.numel() for p in self.ema.model.parameters())
+        peak = f"{self.peak:.0f} TFLOP/s ({self.cfg.precision})" if self.peak else "unknown (MFU not reported)"
+        print(f"[train] model {self.cfg.model.name} ({mc.family}, depth {mc.depth}, hidden {mc.hidden_size}, "
+              f"{n_params:,} parameters); data {self.data_path} ({mc.in_channels}x{mc.input_size}x{mc.input_size}, "
+              f"{mc.num_classes} classes)", flush=True)
+        print(f"[train] {self.world} rank(s) on {self.device.type}; global batch {self.cfg.global_batch} = "
+              f"{self.world} x micro {self.micro} x accumulation {self.accum}; ZeRO-{self.cfg.zero_stage}, "
+              f"{self.cfg.precision}; device peak {peak}; {self.flops_per_image / 1e9:.2f} GFLOP per image "
+              f"(forward+backward)", flush=True)
+        d = self.cfg.dispersive
+        disp = (f"{d.variant}, lambda {d.lambda_}, tau {d.tau}, blocks {d.blocks}, scope {d.scope}"
+                if d.enabled else "off")
+        print(f"[train] dispersive loss: {disp}; results in {self.out}" +
+              (f"; resumed from {resume} at step {self.step}" if resume else ""), flush=True)
+
+    def _log(self, logs: dict[str, float], images_per_s: float, phases: dict[str, float], bar) -> None:
+        tflops = images_per_s * self.flops_per_image / 1e12
+        record = {"step": self.step, "images_per_s": images_per_s, "tflops": tflops,
+                  "mfu": tflops / self.peak if self.peak else None, "skipped_steps": self.skipped,
+                  **logs, **{f"time/{k}": v for k, v in phases.items()}}
+        self.metrics.write(record)
+        if self.is_main:
+            disp = logs.get("dispersive_total", 0.0)
+            bar.set_postfix(loss=f"{logs.get('diffusion_loss', math.nan):.4f}", disp=f"{disp:.4f}",
+                            img_s=f"{images_per_s:.1f}")
+            bar.write(f"step {self.step:>7d}  diffusion {logs.get('diffusion_loss', math.nan):.5f}  "
+                      f"dispersive {disp:.5f}  grad_norm {logs.get('grad_norm', math.nan):.3f}  "
+                      f"lr {logs.get('lr', math.nan):.2e}  {images_per_s:.1f} img/s  {tflops:.3f} TFLOP/s"
+                      + (f"  MFU {tflops / self.peak:.1%}" if self.peak else ""))
+
+    def sample_grid(self) -> Path | None:
+        """An EMA sample grid from fixed noise and labels (rank 0 samples; the others wait)."""
+        path = None
+        if self.is_main:
+            from .images import make_grid, save_png
+            from .sample import sample_images
+            from .samplers import Guidance, SamplerConfig
+
+            sit = self.model_cfg.family == "sit"
+            sampler = SamplerConfig(kind="ode", method="euler", num_steps=self.cfg.sample_steps) if sit \
+                else SamplerConfig(kind="ddim", num_steps=self.cfg.sample_steps)
+            labels = torch.arange(self.cfg.sample_count) % self.model_cfg.num_classes
+            guidance = Guidance(scale=self.cfg.cfg_scale, channels="all") if self.cfg.cfg_scale != 1.0 else None
+            # The RNG streams must not move: sampling here may not change what training draws.
+            rng = _rng_state()
+            images = sample_images(self.ema.model, labels, sampler=sampler, guidance=guidance,
+                                   transport=self.cfg.transport if sit else None, seed=self.cfg.seed)
+            _set_rng_state(rng)
+            path = save_png(make_grid(images), self.out / "samples" / f"{self.step:07d}.png")
+        barrier()
+        return path
+
+    def _start_profiler(self):
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        prof = torch.profiler.profile(activities=activities, record_shapes=True, with_flops=True)
+        prof.__enter__()
+        return prof
+
+    def _stop_profiler(self, prof) -> None:
+        prof.__exit__(None, None, None)
+        folder = self.out / "profile"
+        folder.mkdir(parents=True, exist_ok=True)
+        trace = folder / f"trace-rank{self.rank:02d}.json"
+        prof.export_chrome_trace(str(trace))
+        if self.is_main:
+            print(f"[train] profiler trace written to {trace}", flush=True)
+
+    def _summary(self, last: dict[str, float], grid: Path | None, by_signal: bool) -> dict[str, Any]:
+        latest = self.ckpts.latest()
+        summary = {"step": self.step, "stopped_by_signal": by_signal, "skipped_steps": self.skipped,
+                   "final": last, "checkpoint": str(latest) if latest else None,
+                   "release_checkpoint": str(self.ckpts.release_path(self.step)),
+                   "sample_grid": str(grid) if grid else None}
+        if self.is_main:
+            records = [json.loads(line) for line in open(self.out / "metrics.jsonl")] \
+                if (self.out / "metrics.jsonl").exists() else []
+            speeds = [r["images_per_s"] for r in records[1:]] or [r["images_per_s"] for r in records]
+            summary["images_per_s"] = float(np.median(speeds)) if speeds else None
+            with open(self.out / "summary.json", "w") as f:
+                json.dump(summary, f, indent=2)
+            print(f"[train] done at step {self.step}: diffusion loss {last.get('diffusion_loss', math.nan):.5f}, "
+                  f"dispersive {last.get('dispersive_total', 0.0):.5f}, "
+                  f"{summary['images_per_s'] or math.nan:.1f} images/s (median over log windows)", flush=True)
+            print(f"[train] checkpoint: {summary['release_checkpoint']} (DeepSpeed: {summary['checkpoint']})")
+            print(f"[train] sample grid: {summary['sample_grid']}", flush=True)
+        return summary
