@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -207,6 +209,8 @@ class Trainer:
                    path / f"trainer-rank{self.rank:02d}.pt")
         if self.is_main:
             torch.save(self.ema.state_dict(), path / "ema.pt")
+            if os.environ.get("DISPERSIVE_FAULT_KILL_IN_SAVE") == str(step):
+                os.kill(os.getpid(), signal.SIGKILL)  # fault injection (tests): a crash mid-save
         barrier()  # every rank's files are on disk before the checkpoint is declared complete
         if self.is_main:
             atomic_torch_save({"model": full, "ema": self.ema.state_dict(), "args": self._release_args(),
@@ -307,8 +311,10 @@ class Trainer:
             signal.signal(sig, self._on_signal)
 
         from tqdm import tqdm
+        # Redirected to a file (CI, a cluster's log), a bar that redraws 10 times a second
+        # would flood it: redraw every 30 s there instead.
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.is_main, desc="train",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)
         it = iter(self.loader)
         last: dict[str, float] = {}
         window_start, window_images = time.perf_counter(), 0
@@ -399,7 +405,9 @@ class Trainer:
             images = sample_images(self.ema.model, labels, sampler=sampler, guidance=guidance,
                                    transport=self.cfg.transport if sit else None, seed=self.cfg.seed)
             _set_rng_state(rng)
-            path = save_png(make_grid(images), self.out / "samples" / f"{self.step:07d}.png")
+            # Few classes (digits): one column per class, so each column is one label.
+            nrow = self.model_cfg.num_classes if self.model_cfg.num_classes <= 16 else None
+            path = save_png(make_grid(images, nrow=nrow), self.out / "samples" / f"{self.step:07d}.png")
         barrier()
         return path
 

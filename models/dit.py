@@ -133,7 +133,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x)  # (N, D, H/p, W/p)
+        # A model cast to bf16 (DeepSpeed's bf16 mode) still gets fp32 latents from the objective.
+        x = self.proj(x.to(self.proj.weight.dtype))  # (N, D, H/p, W/p)
         return x.flatten(2).transpose(1, 2)  # (N, T, D), row-major tokens
 
 

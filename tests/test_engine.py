@@ -1,0 +1,125 @@
+"""The training engine under the ``deepspeed`` launcher with 2 CPU ranks (gloo)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from engine.latents import LatentDatasetWriter
+from tests.engine_helpers import TINY, losses, metrics, run_engine
+
+pytestmark = pytest.mark.slow
+STEPS = 10
+COMMON = [*TINY, "--data", "digits", "--global-batch", "16", "--log-every", "1", "--disp-preset", "release"]
+
+
+@pytest.fixture(scope="module")
+def stage_runs(tmp_path_factory):
+    """10 steps of the same tiny SiT under ZeRO-1, -2 and -3 (fp32), checkpoint every 5."""
+    runs = {}
+    for stage in (1, 2, 3):
+        out = tmp_path_factory.mktemp(f"zero{stage}")
+        run_engine([*COMMON, "--zero-stage", str(stage), "--max-steps", str(STEPS), "--ckpt-every", "5",
+                    "--results-dir", str(out)])
+        runs[stage] = out
+    return runs
+
+
+def test_losses_agree_across_zero_stages(stage_runs):
+    curves = {stage: losses(out) for stage, out in stage_runs.items()}
+    assert sorted(curves[1]) == list(range(1, STEPS + 1))
+    for stage in (2, 3):
+        for step, value in curves[1].items():
+            # Same data, seeds and maths; only the order of the gradient reductions differs.
+            assert curves[stage][step] == pytest.approx(value, rel=1e-4), (stage, step)
+    assert all(math.isfinite(v) for v in curves[1].values())
+    record = metrics(stage_runs[1])[-1]
+    for key in ("diffusion_loss", "dispersive/block_1", "grad_norm", "lr", "images_per_s", "tflops",
+                "time/data", "time/forward", "time/backward", "time/optimizer"):
+        assert key in record, key
+
+
+def test_resume_is_bit_identical(stage_runs, tmp_path):
+    """5 steps, stop, resume for 5 more == 10 steps straight (ZeRO-2, torch AdamW, CPU)."""
+    args = [*COMMON, "--zero-stage", "2", "--ckpt-every", "5", "--results-dir", str(tmp_path)]
+    run_engine([*args, "--max-steps", "5"])
+    proc = run_engine([*args, "--max-steps", str(STEPS), "--resume", "auto"])
+    assert "resumed from" in proc.stdout and "at step 5" in proc.stdout
+    straight, resumed = losses(stage_runs[2]), losses(tmp_path)
+    for step in range(1, STEPS + 1):
+        assert resumed[step] == straight[step], f"step {step}: {resumed[step]!r} != {straight[step]!r}"
+    ema_a = torch.load(stage_runs[2] / "checkpoints" / "step_0000010" / "ema.pt", weights_only=True)
+    ema_b = torch.load(tmp_path / "checkpoints" / "step_0000010" / "ema.pt", weights_only=True)
+    for key in ema_a:
+        assert torch.equal(ema_a[key], ema_b[key]), key
+
+
+def test_checkpoints_release_format_and_keep_last_k(stage_runs):
+    import models
+
+    ckpts = stage_runs[3] / "checkpoints"
+    assert (ckpts / "step_0000010" / "COMPLETE").exists()
+    release = torch.load(ckpts / "0000010.pt", map_location="cpu", weights_only=True)
+    assert {"model", "ema", "args"} <= set(release)
+    assert release["args"]["model"] == "SiT-S/2"
+    model = models.load_model(ckpts / "0000010.pt")  # EMA preferred
+    for key, value in release["ema"].items():
+        torch.testing.assert_close(model.state_dict()[key], value)
+    # ZeRO-3 gathered the full fp32 weights for "model": every tensor has its full shape.
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in release["model"].items()} == shapes
+    summary = json.loads((stage_runs[3] / "summary.json").read_text())
+    assert summary["step"] == STEPS and summary["sample_grid"].endswith(".png")
+
+
+def test_kill_during_checkpoint_save_leaves_previous_loadable(tmp_path):
+    args = [*COMMON, "--zero-stage", "2", "--ckpt-every", "2", "--max-steps", "6", "--results-dir", str(tmp_path)]
+    from tests.engine_helpers import engine_env
+    crashed = run_engine(args, env=engine_env(DISPERSIVE_FAULT_KILL_IN_SAVE="4"), check=False)
+    assert crashed.returncode != 0
+    ckpts = tmp_path / "checkpoints"
+    assert (ckpts / "step_0000002" / "COMPLETE").exists()
+    assert (ckpts / "step_0000004").is_dir() and not (ckpts / "step_0000004" / "COMPLETE").exists()
+    proc = run_engine([*args, "--resume", "auto"])
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    # The resumed run passed step 4 again and saved it properly this time.
+    assert (ckpts / "step_0000004" / "COMPLETE").exists() and (ckpts / "step_0000006" / "COMPLETE").exists()
+
+
+def _dataset(path, nan_rows: list[int], n: int = 48):
+    """A valid dataset whose shard is then corrupted on disk (the writer refuses NaN)."""
+    rng = np.random.default_rng(0)
+    with LatentDatasetWriter(path, shape=(1, 16, 16), num_classes=10, dtype="float32",
+                             scale_factor=1.0, source="test: injected NaN") as w:
+        w.append(rng.standard_normal((n, 1, 16, 16)).astype(np.float32) * 0.5, rng.integers(0, 10, n))
+    (shard,) = path.glob("latents-*.npy")
+    latents = np.load(shard, mmap_mode="r+")
+    latents[nan_rows] = np.nan
+    latents.flush()
+    return path
+
+
+def test_nonfinite_batch_is_skipped_on_every_rank(tmp_path):
+    data = _dataset(tmp_path / "data", nan_rows=[7])
+    out = tmp_path / "run"
+    # 48 samples / global batch 16 = 3 steps: exactly one step sees the NaN sample, on one rank.
+    run_engine([*TINY, "--data", str(data), "--global-batch", "16", "--max-steps", "3", "--log-every", "1",
+                "--zero-stage", "2", "--disp-preset", "release", "--results-dir", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_steps"] == 1
+    release = torch.load(out / "checkpoints" / "0000003.pt", map_location="cpu", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in release["model"].values())
+    assert all(torch.isfinite(v).all() for v in release["ema"].values())
+
+
+def test_consecutive_nonfinite_steps_stop_without_checkpoint(tmp_path):
+    data = _dataset(tmp_path / "data", nan_rows=list(range(48)))
+    out = tmp_path / "run"
+    proc = run_engine([*TINY, "--data", str(data), "--global-batch", "16", "--max-steps", "10",
+                       "--max-nonfinite", "2", "--zero-stage", "1", "--results-dir", str(out)], check=False)
+    assert proc.returncode != 0
+    assert "2 consecutive steps had a non-finite loss" in proc.stdout + proc.stderr
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("step_*"))
