@@ -25,7 +25,7 @@ from .checkpoint import CheckpointDir, atomic_torch_save, tag_for
 from .cli import config_to_dict
 from .config import TrainConfig
 from .distributed import any_true, barrier, init_distributed
-from .ema import EMA
+from .ema import FullEMA, ShardedEMA, full_state_dict
 from .metrics import MetricsWriter, PhaseTimer, peak_tflops
 from .objective import build_objective
 
@@ -40,7 +40,12 @@ def deepspeed_config(cfg: TrainConfig, micro: int, accum: int) -> dict[str, Any]
     """The DeepSpeed JSON for ``cfg``; entries of ``cfg.deepspeed_config`` override it."""
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage >= 2:
-        zero.update(overlap_comm=True, contiguous_gradients=True)
+        # Buckets of 50M elements: DeepSpeed's defaults (500M to reduce, 1B live parameters
+        # under ZeRO-3) cost several GB per rank, more than an XL run on a small host has.
+        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=int(5e7))
+    if cfg.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=int(5e7), stage3_max_live_parameters=int(1e8),
+                    stage3_max_reuse_distance=int(1e8))
     if cfg.offload and cfg.zero_stage >= 1:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         if cfg.zero_stage == 3:
@@ -135,9 +140,23 @@ class Trainer:
         model = models.create_model(cfg.model.name, **{k: v for k, v in self.model_cfg.to_dict().items()
                                                        if k != "family"})
         self._seed(cfg.seed + self.rank)
-        self.ema = EMA(model)
-        self.ema.model.to(self.device)
+        self.param_names = [n for n, _ in model.named_parameters()]
+        if cfg.zero_stage < 3:
+            self.ema = FullEMA(model, keep=self.is_main)
+            if self.ema.model is not None:
+                self.ema.model.to(self.device)
+        else:
+            # Only the frozen parameters (the sin-cos table) are needed from the initial weights.
+            initial = {n: p.detach().float().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        if cfg.precision == "bf16":
+            # DeepSpeed's bf16 mode casts the module anyway and builds the fp32 master weights
+            # from the cast; doing it here first halves the peak memory of start-up (an XL
+            # model is 2.7 GB in fp32 on every rank until DeepSpeed partitions it).
+            model = model.to(torch.bfloat16)
         self.engine = self._deepspeed(model)
+        if cfg.zero_stage == 3:
+            self.ema = ShardedEMA(self.engine, self.param_names, initial)
+            del initial
         if cfg.model.compile:
             self.engine.compile()  # DeepSpeed compiles the wrapped module in place
         # Full fp32 weights must be gathered unless the module already holds them.
@@ -203,17 +222,19 @@ class Trainer:
         step = self.step
         path = self.ckpts.path(step)
         self.engine.save_checkpoint(str(self.ckpts.root), tag=tag_for(step), save_latest=False)
-        full = self.ema.full_weights(self.engine, self.gather)  # collective under ZeRO-3
+        # Collectives under ZeRO-3 and bf16: every rank joins, rank 0 keeps the results.
+        full = full_state_dict(self.engine, self.param_names, self.gather, keep=self.is_main)
+        ema_full = self.ema.full_state_dict(self.engine)
         torch.save({"step": step, "images_seen": self.images_seen, "skipped": self.skipped,
-                    "rng": _rng_state(), "loader": self.loader.state_dict()},
+                    "rng": _rng_state(), "loader": self.loader.state_dict(),
+                    "ema": self.ema.shard_state()},
                    path / f"trainer-rank{self.rank:02d}.pt")
         if self.is_main:
-            torch.save(self.ema.state_dict(), path / "ema.pt")
             if os.environ.get("DISPERSIVE_FAULT_KILL_IN_SAVE") == str(step):
                 os.kill(os.getpid(), signal.SIGKILL)  # fault injection (tests): a crash mid-save
         barrier()  # every rank's files are on disk before the checkpoint is declared complete
         if self.is_main:
-            atomic_torch_save({"model": full, "ema": self.ema.state_dict(), "args": self._release_args(),
+            atomic_torch_save({"model": full, "ema": ema_full, "args": self._release_args(),
                                "config": self.model_cfg.to_dict(), "step": step},
                               self.ckpts.release_path(step))
             self.ckpts.mark_complete(step)
@@ -234,9 +255,12 @@ class Trainer:
                                                 load_lr_scheduler_states=True)
         if client is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
-        self.ema.load_state_dict(torch.load(path / "ema.pt", map_location="cpu", weights_only=True))
         mine = path / f"trainer-rank{self.rank:02d}.pt"
+        if not mine.exists():
+            raise FileNotFoundError(f"{mine} is missing: resume with the same number of ranks as the "
+                                    f"run that saved {path}")
         state = torch.load(mine, map_location="cpu", weights_only=False)  # numpy RNG state is not a tensor
+        self.ema.load_shard_state(state["ema"])
         self.step, self.images_seen, self.skipped = state["step"], state["images_seen"], state["skipped"]
         self.loader.load_state_dict(state["loader"])
         _set_rng_state(state["rng"])
@@ -357,7 +381,7 @@ class Trainer:
         if not self.is_main:
             return
         mc = self.model_cfg
-        n_params = sum(p.numel() for p in self.ema.model.parameters())
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
         peak = f"{self.peak:.0f} TFLOP/s ({self.cfg.precision})" if self.peak else "unknown (MFU not reported)"
         print(f"[train] model {self.cfg.model.name} ({mc.family}, depth {mc.depth}, hidden {mc.hidden_size}, "
               f"{n_params:,} parameters); data {self.data_path} ({mc.in_channels}x{mc.input_size}x{mc.input_size}, "
@@ -390,6 +414,7 @@ class Trainer:
     def sample_grid(self) -> Path | None:
         """An EMA sample grid from fixed noise and labels (rank 0 samples; the others wait)."""
         path = None
+        ema_model = self._ema_model()  # a collective under ZeRO-3
         if self.is_main:
             from .images import make_grid, save_png
             from .sample import sample_images
@@ -402,7 +427,7 @@ class Trainer:
             guidance = Guidance(scale=self.cfg.cfg_scale, channels="all") if self.cfg.cfg_scale != 1.0 else None
             # The RNG streams must not move: sampling here may not change what training draws.
             rng = _rng_state()
-            images = sample_images(self.ema.model, labels, sampler=sampler, guidance=guidance,
+            images = sample_images(ema_model, labels, sampler=sampler, guidance=guidance,
                                    transport=self.cfg.transport if sit else None, seed=self.cfg.seed)
             _set_rng_state(rng)
             # Few classes (digits): one column per class, so each column is one label.
@@ -410,6 +435,18 @@ class Trainer:
             path = save_png(make_grid(images, nrow=nrow), self.out / "samples" / f"{self.step:07d}.png")
         barrier()
         return path
+
+    def _ema_model(self) -> torch.nn.Module | None:
+        """The EMA weights as a model on rank 0 (None elsewhere)."""
+        if isinstance(self.ema, FullEMA):
+            return self.ema.model
+        weights = self.ema.full_state_dict(self.engine)
+        if weights is None:
+            return None
+        model = models.create_model(self.cfg.model.name, **{k: v for k, v in self.model_cfg.to_dict().items()
+                                                            if k != "family"})
+        model.load_state_dict(weights)
+        return model.to(self.device).eval()
 
     def _start_profiler(self):
         activities = [torch.profiler.ProfilerActivity.CPU]

@@ -13,7 +13,9 @@ from tests.engine_helpers import TINY, losses, metrics, run_engine
 
 pytestmark = pytest.mark.slow
 STEPS = 10
-COMMON = [*TINY, "--data", "digits", "--global-batch", "16", "--log-every", "1", "--disp-preset", "release"]
+# A fast EMA (0.5) so that the EMA of 10 steps is far from the initial weights.
+COMMON = [*TINY, "--data", "digits", "--global-batch", "16", "--log-every", "1", "--disp-preset", "release",
+          "--ema-decay", "0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,14 @@ def test_losses_agree_across_zero_stages(stage_runs):
             # Same data, seeds and maths; only the order of the gradient reductions differs.
             assert curves[stage][step] == pytest.approx(value, rel=1e-4), (stage, step)
     assert all(math.isfinite(v) for v in curves[1].values())
+    # The EMA: rank 0's full copy (ZeRO-1/2) and the sharded one (ZeRO-3) agree.
+    emas = {stage: torch.load(out / "checkpoints" / "0000010.pt", weights_only=True)["ema"]
+            for stage, out in stage_runs.items()}
+    init = torch.load(stage_runs[1] / "checkpoints" / "0000005.pt", weights_only=True)["model"]
+    for key, value in emas[1].items():
+        for stage in (2, 3):
+            torch.testing.assert_close(emas[stage][key], value, rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(emas[1][k], init[k]) for k in init)
     record = metrics(stage_runs[1])[-1]
     for key in ("diffusion_loss", "dispersive/block_1", "grad_norm", "lr", "images_per_s", "tflops",
                 "time/data", "time/forward", "time/backward", "time/optimizer"):
@@ -51,8 +61,8 @@ def test_resume_is_bit_identical(stage_runs, tmp_path):
     straight, resumed = losses(stage_runs[2]), losses(tmp_path)
     for step in range(1, STEPS + 1):
         assert resumed[step] == straight[step], f"step {step}: {resumed[step]!r} != {straight[step]!r}"
-    ema_a = torch.load(stage_runs[2] / "checkpoints" / "step_0000010" / "ema.pt", weights_only=True)
-    ema_b = torch.load(tmp_path / "checkpoints" / "step_0000010" / "ema.pt", weights_only=True)
+    ema_a = torch.load(stage_runs[2] / "checkpoints" / "0000010.pt", weights_only=True)["ema"]
+    ema_b = torch.load(tmp_path / "checkpoints" / "0000010.pt", weights_only=True)["ema"]
     for key in ema_a:
         assert torch.equal(ema_a[key], ema_b[key]), key
 
@@ -123,3 +133,36 @@ def test_consecutive_nonfinite_steps_stop_without_checkpoint(tmp_path):
     assert proc.returncode != 0
     assert "2 consecutive steps had a non-finite loss" in proc.stdout + proc.stderr
     assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("step_*"))
+
+
+def test_sigterm_writes_a_final_checkpoint_and_exits_cleanly(tmp_path):
+    """Preemption: a scheduler signals every training process; they agree, save once, exit 0."""
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from tests.engine_helpers import REPO, _port, engine_env
+    deepspeed = __import__("sys").executable.replace("python", "deepspeed")
+    cmd = [deepspeed, "--num_gpus", "2", "--master_port", _port(), "engine/train.py", *COMMON,
+           "--zero-stage", "2", "--max-steps", "100000", "--ckpt-every", "100000", "--results-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=engine_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 600
+        while not (tmp_path / "metrics.jsonl").exists() or len(metrics(tmp_path)) < 3:
+            assert proc.poll() is None and time.time() < deadline, "the run ended before it was signalled"
+            time.sleep(0.5)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if any(a.startswith("--local_rank=") for a in p.cmdline())]  # not the launcher
+        assert len(workers) == 2
+        for p in workers:
+            p.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stopped_by_signal"] is True and summary["step"] < 100000
+    assert (tmp_path / "checkpoints" / f"step_{summary['step']:07d}" / "COMPLETE").exists()

@@ -80,7 +80,7 @@ def test_deepspeed_json_from_config(tmp_path):
     cfg = parse(["--zero-stage", "2", "--deepspeed-config", str(override)])
     ds = deepspeed_config(cfg, micro=8, accum=1)
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
-                                       "reduce_bucket_size": 123}
+                                       "reduce_bucket_size": 123}  # the user's value wins
     assert ds["bf16"]["enabled"] is False
 
 
