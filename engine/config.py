@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from .cli import section
+from .meanflow import MeanFlowConfig
 from .objective import DispersiveConfig
 from .transport import TransportConfig
 
@@ -86,8 +87,13 @@ class TrainConfig:
     data: DataSection = section(DataSection)
     transport: TransportConfig = section(TransportConfig, prefix="transport-")
     dispersive: DispersiveConfig = section(DispersiveConfig, prefix="disp-")
+    meanflow: MeanFlowConfig = section(MeanFlowConfig, prefix="mf-")
     optim: OptimSection = section(OptimSection)
 
+    objective: Literal["auto", "meanflow"] = "auto"
+    """``auto``: the model family's objective (SiT flow matching, DiT DDPM); ``meanflow``: MeanFlow
+    one-step training (engine/meanflow.py, settings ``--mf-*``) on a SiT model, which is then built
+    with a second time input and no sigma half."""
     global_batch: int = 256
     """Images per optimizer step over all ranks (the releases' 256)."""
     micro_batch: int | None = None
@@ -147,6 +153,8 @@ class TrainConfig:
             raise ValueError("--keep-last-k and --sample-every must be >= 0, --max-nonfinite >= 1")
         if self.optim.lr <= 0 or self.optim.grad_clip < 0 or self.optim.warmup_steps < 0:
             raise ValueError("--lr must be > 0; --grad-clip and --warmup-steps must be >= 0")
+        if self.objective == "meanflow" and not self.model.name.lower().startswith("sit"):
+            raise ValueError(f"--objective meanflow needs a SiT model, got --model {self.model.name}")
         if self.profile_steps is not None and not 0 <= self.profile_steps[0] < self.profile_steps[1]:
             raise ValueError(f"--profile-steps must be A B with 0 <= A < B, got {self.profile_steps}")
 

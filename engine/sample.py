@@ -281,8 +281,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         cfg = model.config
         family = cfg.family
 
-        kind = args.sampler or SamplerConfig.default_for(family).kind
-        steps = args.num_steps or (50 if family == "sit" else 250)
+        kind = args.sampler or ("meanflow" if cfg.second_time_input else SamplerConfig.default_for(family).kind)
+        steps = args.num_steps or (1 if kind == "meanflow" else 50 if family == "sit" else 250)
         sampler = SamplerConfig(
             kind=kind, method=args.method, num_steps=steps, atol=args.atol, rtol=args.rtol,
             diffusion_form=args.diffusion_form, diffusion_norm=args.diffusion_norm,

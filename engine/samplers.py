@@ -32,6 +32,7 @@ class SamplerKind(str, Enum):
     SDE = "sde"  # SiT: reverse SDE with a chosen diffusion coefficient
     DDPM = "ddpm"  # DiT: ancestral sampling
     DDIM = "ddim"  # DiT: DDIM with eta
+    MEANFLOW = "meanflow"  # MeanFlow models: z_r = z_t - (t - r) u(z_t, r, t), num_steps evaluations
 
 
 class ODEMethod(str, Enum):
@@ -413,11 +414,11 @@ class SamplerConfig:
                            parse_choice(DiffusionForm, self.diffusion_form, "diffusion form"))
         object.__setattr__(self, "last_step", parse_choice(
             LastStep, "none" if self.last_step is None else self.last_step, "SDE last step"))
-        _check_steps(self.num_steps, 1 if kind in (SamplerKind.DDPM, SamplerKind.DDIM) else 2)
+        _check_steps(self.num_steps, 1 if kind in (SamplerKind.DDPM, SamplerKind.DDIM, SamplerKind.MEANFLOW) else 2)
 
     @property
     def family(self) -> str:
-        return "sit" if self.kind in (SamplerKind.ODE, SamplerKind.SDE) else "dit"
+        return "sit" if self.kind in (SamplerKind.ODE, SamplerKind.SDE, SamplerKind.MEANFLOW) else "dit"
 
     @classmethod
     def default_for(cls, family: str) -> "SamplerConfig":
@@ -438,14 +439,25 @@ def sample_latents(model: torch.nn.Module, y: Tensor, noise: Tensor, *,
     SiT models take ``transport`` (the training path/prediction; default linear velocity),
     DiT models ``diffusion`` (default the release's). ``generator`` drives SDE/DDPM/DDIM noise.
     """
-    family = unwrap_model(model).config.family
+    model_cfg = unwrap_model(model).config
+    family = model_cfg.family
+    if model_cfg.second_time_input and (sampler is None or sampler.kind is SamplerKind.MEANFLOW):
+        from .meanflow import sample_meanflow  # a MeanFlow model: 1 step unless told otherwise
+        return sample_meanflow(model, y, noise, steps=sampler.num_steps if sampler else 1,
+                               cfg_scale=guidance.scale if guidance is not None else 1.0, progress=progress)
+    if sampler is not None and sampler.kind is SamplerKind.MEANFLOW:
+        raise ValueError("sampler 'meanflow' needs a MeanFlow model (second_time_input=True)")
     sampler = sampler or SamplerConfig.default_for(family)
     if sampler.family != family:
         raise ValueError(f"sampler {sampler.kind.value!r} is for {sampler.family.upper()} models, "
                          f"but this is a {family.upper()} model")
     if noise.shape[0] != y.shape[0]:
         raise ValueError(f"noise has {noise.shape[0]} rows but y has {y.shape[0]}")
-    model_fn = guided_model_fn(model, y, guidance)
+    if model_cfg.second_time_input:  # a MeanFlow model's instantaneous velocity u(z, t, t)
+        from .meanflow import meanflow_velocity_fn
+        model_fn = meanflow_velocity_fn(model, y, guidance.scale if guidance is not None else 1.0)
+    else:
+        model_fn = guided_model_fn(model, y, guidance)
     if sampler.kind is SamplerKind.ODE:
         return sample_ode(model_fn, noise, Transport(transport), method=sampler.method,
                           num_steps=sampler.num_steps, atol=sampler.atol, rtol=sampler.rtol,

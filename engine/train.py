@@ -10,6 +10,7 @@ saved config (``results_dir/config.json``) and flags override it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -29,6 +30,9 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--disp-preset", choices=["paper", "release", "none"],
                         help="Dispersive Loss preset: paper (lambda 0.5, tau 0.5, block depth//4), "
                              "release (lambda 0.25, tau 1, last block) or none; --disp-* flags override it")
+    parser.add_argument("--meanflow-preset", choices=["meanflow_b_4", "meanflow_xl_2"],
+                        help="MeanFlow one-step training with the published recipe (model, objective, "
+                             "Adam beta2 0.95, lr 1e-4, batch 256, EMA 0.9999); other flags override it")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by launchers
     add_config_arguments(parser, TrainConfig)
@@ -39,8 +43,9 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
             with open(args.config) as f:
                 cfg = config_from_dict(TrainConfig, json.load(f))
         overrides = overrides_from_args(args)
+        if args.meanflow_preset:
+            cfg = _apply_meanflow_preset(cfg, args.meanflow_preset)
         if args.disp_preset:
-            import dataclasses
             cfg = dataclasses.replace(cfg, dispersive=DispersiveConfig.preset(args.disp_preset))
         cfg = apply_overrides(cfg, overrides)
         check_before_launch(cfg)
@@ -50,6 +55,20 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
         print(json.dumps(config_to_dict(cfg), indent=2))
         sys.exit(0)
     return cfg
+
+
+def _apply_meanflow_preset(cfg: TrainConfig, name: str) -> TrainConfig:
+    from engine.meanflow import meanflow_preset
+
+    preset = meanflow_preset(name)
+    flat: dict[tuple[str, ...], object] = {("objective",): "meanflow", ("model", "name"): preset.model}
+    for key, value in preset.train.items():  # nested like TrainConfig
+        if isinstance(value, dict):
+            flat.update({(key, k): v for k, v in value.items()})
+        else:
+            flat[(key,)] = value
+    cfg = apply_overrides(cfg, flat)
+    return dataclasses.replace(cfg, meanflow=preset.meanflow)
 
 
 def check_before_launch(cfg: TrainConfig) -> None:

@@ -132,10 +132,12 @@ class Trainer:
         self.data_path = prepare_dataset(cfg, self.rank)
         manifest = read_manifest(self.data_path)
         c, h, _ = manifest.shape
+        self.meanflow = cfg.objective == "meanflow"
+        mf_model = {"second_time_input": True, "learn_sigma": False} if self.meanflow else {}
         self.model_cfg = models.get_config(
             cfg.model.name, input_size=h, in_channels=c, num_classes=manifest.num_classes,
             class_dropout_prob=cfg.model.class_dropout_prob, attention=cfg.model.attention,
-            grad_checkpointing=cfg.model.grad_checkpointing, **cfg.model.overrides())
+            grad_checkpointing=cfg.model.grad_checkpointing, **mf_model, **cfg.model.overrides())
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = models.create_model(cfg.model.name, **{k: v for k, v in self.model_cfg.to_dict().items()
                                                        if k != "family"})
@@ -161,9 +163,13 @@ class Trainer:
             self.engine.compile()  # DeepSpeed compiles the wrapped module in place
         # Full fp32 weights must be gathered unless the module already holds them.
         self.gather = cfg.zero_stage == 3 or cfg.precision == "bf16"
-        self.objective = build_objective(
-            self.model_cfg.family, dispersive=cfg.dispersive,
-            **({"transport": cfg.transport} if self.model_cfg.family == "sit" else {}))
+        if self.meanflow:
+            from .meanflow import MeanFlowObjective
+            self.objective = MeanFlowObjective(dispersive=cfg.dispersive, config=cfg.meanflow)
+        else:
+            self.objective = build_objective(
+                self.model_cfg.family, dispersive=cfg.dispersive,
+                **({"transport": cfg.transport} if self.model_cfg.family == "sit" else {}))
 
         from .data import build_loader
         self.loader = build_loader(self.data_path, micro_batch=self.micro, rank=self.rank,
@@ -177,7 +183,8 @@ class Trainer:
         self._stop_signal = False
         self.timer = PhaseTimer(self.device)
         self.metrics = MetricsWriter(self.out, self.is_main)
-        self.flops_per_image = models.flops_per_sample(self.model_cfg, backward=True)
+        self.flops_per_image = (models.flops_per_sample(self.model_cfg) * cfg.meanflow.forward_equivalents
+                                if self.meanflow else models.flops_per_sample(self.model_cfg, backward=True))
         self.peak = peak_tflops(self.device, cfg.precision)
 
     # ------------------------------------------------------------------ set-up
@@ -421,8 +428,12 @@ class Trainer:
             from .samplers import Guidance, SamplerConfig
 
             sit = self.model_cfg.family == "sit"
-            sampler = SamplerConfig(kind="ode", method="euler", num_steps=self.cfg.sample_steps) if sit \
-                else SamplerConfig(kind="ddim", num_steps=self.cfg.sample_steps)
+            if self.meanflow:
+                sampler = SamplerConfig(kind="meanflow", num_steps=self.cfg.meanflow.sample_steps)
+            elif sit:
+                sampler = SamplerConfig(kind="ode", method="euler", num_steps=self.cfg.sample_steps)
+            else:
+                sampler = SamplerConfig(kind="ddim", num_steps=self.cfg.sample_steps)
             labels = torch.arange(self.cfg.sample_count) % self.model_cfg.num_classes
             guidance = Guidance(scale=self.cfg.cfg_scale, channels="all") if self.cfg.cfg_scale != 1.0 else None
             # The RNG streams must not move: sampling here may not change what training draws.
