@@ -1,8 +1,8 @@
 """Dispersive Loss: the reference, the Gram-matrix CPU path and the fused Triton kernels."""
-from .dispersive import BACKENDS, DispersiveLoss, dispersive_loss, register_backend
+from .dispersive import BACKENDS, SCOPES, DispersiveLoss, dispersive_loss, register_backend
 from .reference import DEFAULT_MARGIN, VARIANTS, reference_dispersive_loss, release_dispersive_loss
 
 __all__ = [
-    "BACKENDS", "DEFAULT_MARGIN", "VARIANTS", "DispersiveLoss", "dispersive_loss",
+    "BACKENDS", "DEFAULT_MARGIN", "SCOPES", "VARIANTS", "DispersiveLoss", "dispersive_loss",
     "reference_dispersive_loss", "register_backend", "release_dispersive_loss",
 ]

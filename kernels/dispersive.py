@@ -2,6 +2,12 @@
 
 Defaults reproduce the official release exactly: InfoNCE-L2, tau = 1, squared
 distances divided by D, over the local batch.
+
+Dispatch: ``auto`` is Triton for CUDA tensors (``kernels.triton_dispersive``) and the Gram
+path on CPU; both go through the ``torch.library`` custom op of ``kernels.ops``, so a
+``torch.compile``'d model keeps the loss in one graph. ``backend="triton"`` on CPU tensors
+runs the kernels under ``TRITON_INTERPRET=1`` (set before ``kernels.triton_dispersive`` is
+first imported; for tests). Importing this module never imports triton.
 """
 from __future__ import annotations
 
@@ -12,11 +18,14 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
-from .gram import gram_dispersive_loss
+from .distributed import gather_rows
+from .ops import dispersive_op
 from .reference import DEFAULT_MARGIN, VARIANTS, Variant, reference_dispersive_loss
 
 Backend = Literal["auto", "triton", "torch", "reference"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch", "reference")
+Scope = Literal["local", "global"]
+SCOPES: tuple[str, ...] = ("local", "global")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Each backend takes the flattened (N, D) input and the resolved options.
@@ -29,22 +38,43 @@ def _reference_impl(z2, variant, tau, margin, normalize_by_dim):
     return loss if loss.dtype == torch.float64 else loss.float()
 
 
-_BACKENDS: dict[str, _Impl] = {"torch": gram_dispersive_loss, "reference": _reference_impl}
+def _gram_impl(z2, variant, tau, margin, normalize_by_dim):
+    return dispersive_op(z2, variant, tau, margin, normalize_by_dim, "torch")
+
+
+def _triton_impl(z2, variant, tau, margin, normalize_by_dim):
+    from . import triton_dispersive
+
+    return triton_dispersive.triton_backend(z2, variant, tau, margin, normalize_by_dim)
+
+
+_BACKENDS: dict[str, _Impl] = {"torch": _gram_impl, "triton": _triton_impl, "reference": _reference_impl}
 
 
 def register_backend(name: str, impl: _Impl) -> None:
-    """Makes ``backend=name`` available (the Triton module registers itself on import)."""
+    """Makes ``backend=name`` available, or replaces the implementation behind a name."""
     _BACKENDS[name] = impl
 
 
-def _load_triton() -> bool:
-    """Imports the Triton kernels on first use; False when triton is unavailable."""
-    if "triton" not in _BACKENDS:
-        try:
-            from . import triton_dispersive  # noqa: F401  (registers the backend)
-        except ImportError:
-            return False
-    return "triton" in _BACKENDS
+def _triton_available() -> bool:
+    """Imports the Triton kernels on first use; False when triton is unavailable.
+
+    Not at ``import kernels``: the Triton interpreter only works when triton itself is first
+    imported with ``TRITON_INTERPRET=1`` set, so importing triton (or ``torch._dynamo``,
+    which imports it) early would take that choice away from the tests. No registry
+    lookup here: under torch.compile the import may first run while dynamo traces.
+    """
+    try:
+        from . import triton_dispersive  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_interpreting() -> bool:
+    from . import triton_dispersive
+
+    return triton_dispersive.INTERPRETED
 
 
 def _check_positive(name: str, value) -> float:
@@ -56,7 +86,7 @@ def _check_positive(name: str, value) -> float:
     return value
 
 
-def validate(z, variant: str, tau, margin, backend: str) -> tuple[float, float]:
+def validate(z, variant: str, tau, margin, backend: str, scope: str = "local") -> tuple[float, float]:
     """Checks everything that can be checked without touching z's values (no host sync)."""
     if not isinstance(z, torch.Tensor):
         raise TypeError(f"z must be a torch.Tensor of shape (N, ...), got {type(z).__name__}")
@@ -71,21 +101,28 @@ def validate(z, variant: str, tau, margin, backend: str) -> tuple[float, float]:
         raise ValueError(f"unknown dispersive-loss variant {variant!r}; expected one of {VARIANTS}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
     return _check_positive("tau", tau), _check_positive("margin", margin)
 
 
 def resolve_backend(z: torch.Tensor, backend: str) -> str:
     if backend == "auto":
-        return "triton" if z.is_cuda and _load_triton() else "torch"
-    if backend == "triton" and not _load_triton():
-        raise RuntimeError("backend='triton' needs the triton package (and a CUDA tensor, or "
-                           "TRITON_INTERPRET=1 set before import for CPU tensors)")
+        return "triton" if z.is_cuda and _triton_available() else "torch"
+    if backend == "triton":
+        if not _triton_available():
+            raise RuntimeError("backend='triton' needs the triton package (and a CUDA tensor, or "
+                               "TRITON_INTERPRET=1 set before import for CPU tensors)")
+        if not (z.is_cuda or _triton_interpreting()):
+            raise RuntimeError("backend='triton' on a CPU tensor needs TRITON_INTERPRET=1 set "
+                               "before triton is imported (the interpreter); use a CUDA tensor "
+                               "or backend='auto'")
     return backend
 
 
 def dispersive_loss(z: torch.Tensor, *, variant: Variant = "infonce_l2", tau: float = 1.0,
                     margin: float = DEFAULT_MARGIN, normalize_by_dim: bool = True,
-                    backend: Backend = "auto") -> torch.Tensor:
+                    backend: Backend = "auto", scope: Scope = "local", group=None) -> torch.Tensor:
     """Dispersive Loss of the batch ``z`` of shape (N, ...), flattened per sample.
 
     Args:
@@ -95,16 +132,25 @@ def dispersive_loss(z: torch.Tensor, *, variant: Variant = "infonce_l2", tau: fl
         tau: temperature of the InfoNCE variants (> 0).
         margin: hinge margin on the (normalised) squared distance (> 0).
         normalize_by_dim: divide squared distances by D, as the release does.
-        backend: ``auto`` (Triton for CUDA tensors, else the Gram path), ``triton``,
-            ``torch`` (Gram path with closed-form backward) or ``reference``.
+        backend: ``auto`` (Triton for CUDA tensors, else the Gram path), ``triton``
+            (fused kernels; N <= 1024 and fp32/bf16/fp16, else it falls back to the Gram
+            path), ``torch`` (Gram path with closed-form backward) or ``reference``.
+        scope: ``local`` (the paper: this device's batch) or ``global``: under
+            ``torch.distributed`` the rows of every rank are gathered (equal N per rank),
+            and the local gradient is scaled by the world size so that data-parallel
+            gradient averaging gives the gradient of the global-batch loss
+            (``kernels.distributed``). Without a process group it equals ``local``.
+        group: process group of ``scope="global"`` (default: the world).
 
     Returns a 0-dim float32 tensor (float64 for float64 input). NaN or Inf in ``z``
     propagate to the loss; nothing here synchronises with the device.
     """
-    tau, margin = validate(z, variant, tau, margin, backend)
+    tau, margin = validate(z, variant, tau, margin, backend, scope)
     z2 = z.reshape(z.shape[0], -1)
     if z2.stride(-1) != 1:  # only a strided last dimension forces a copy
         z2 = z2.contiguous()
+    if scope == "global":
+        z2 = gather_rows(z2, group)                                   # (world * N, D)
     impl = _BACKENDS[resolve_backend(z, backend)]
     return impl(z2, variant, tau, margin, bool(normalize_by_dim))
 
@@ -113,16 +159,20 @@ class DispersiveLoss(nn.Module):
     """``nn.Module`` form of :func:`dispersive_loss` with the options fixed at construction."""
 
     def __init__(self, variant: Variant = "infonce_l2", tau: float = 1.0, margin: float = DEFAULT_MARGIN,
-                 normalize_by_dim: bool = True, backend: Backend = "auto"):
+                 normalize_by_dim: bool = True, backend: Backend = "auto", scope: Scope = "local",
+                 group=None):
         super().__init__()
-        validate(torch.zeros(1), variant, tau, margin, backend)
+        validate(torch.zeros(1), variant, tau, margin, backend, scope)
         self.variant, self.tau, self.margin = variant, float(tau), float(margin)
         self.normalize_by_dim, self.backend = normalize_by_dim, backend
+        self.scope, self.group = scope, group
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return dispersive_loss(z, variant=self.variant, tau=self.tau, margin=self.margin,
-                               normalize_by_dim=self.normalize_by_dim, backend=self.backend)
+                               normalize_by_dim=self.normalize_by_dim, backend=self.backend,
+                               scope=self.scope, group=self.group)
 
     def extra_repr(self) -> str:
         return (f"variant={self.variant!r}, tau={self.tau}, margin={self.margin}, "
-                f"normalize_by_dim={self.normalize_by_dim}, backend={self.backend!r}")
+                f"normalize_by_dim={self.normalize_by_dim}, backend={self.backend!r}, "
+                f"scope={self.scope!r}")

@@ -14,6 +14,11 @@ Why slabs: bf16/fp16 inputs must be accumulated in fp32, and shifting the rows (
 the distance variants do to avoid cancellation in ``s_i + s_j - 2 G_ij``) needs a
 shifted copy; doing both a slab at a time keeps the extra memory to a few MB
 instead of a full fp32 copy of z.
+
+``gram_forward`` / ``gram_backward`` are what the ``dispersive::forward`` / ``backward``
+custom ops (``kernels.ops``) run for this backend. The N x N epilogue functions
+(``gram_epilogue``, ``covariance_setup``, ``covariance_finish``) are shared with the
+Triton path, which applies them to its own Gram matrix for N > 64 and for covariance.
 """
 from __future__ import annotations
 
@@ -109,49 +114,104 @@ def _cosine_forward(gram: torch.Tensor, tau: float):
     return loss, 2 * (a + torch.diag(b))
 
 
+def gram_epilogue(gram: torch.Tensor, variant: str, tau: float, margin: float, scale: float):
+    """(loss, mix) of InfoNCE-L2, hinge or cosine from the N x N Gram: ``dL/dZ = g * mix @ Z``.
+
+    Shared by this path and the Triton path's large-N epilogue. The distance variants
+    take the Gram of the shifted rows (any shift: distances are translation invariant).
+    """
+    if variant in _DISTANCE_VARIANTS:
+        return _distance_forward(gram, variant, tau, margin, scale)
+    return _cosine_forward(gram, tau)
+
+
+def covariance_setup(gram: torch.Tensor):
+    """(inv, Gn, K) from the unshifted Gram: inverse clamped row norms, ``Zn Zn^T``, ``Zc Zc^T``."""
+    n = gram.shape[0]
+    inv = 1.0 / gram.diagonal().sqrt().clamp_min(COSINE_EPS)
+    centre = torch.eye(n, dtype=gram.dtype, device=gram.device) - 1.0 / n
+    gram_n = gram * inv[:, None] * inv[None, :]                 # Zn Zn^T
+    return inv, gram_n, centre @ gram_n @ centre                # K = Zc Zc^T = H Gn H
+
+
+def covariance_finish(gram: torch.Tensor, gram_n: torch.Tensor, k: torch.Tensor,
+                      diag_sq: torch.Tensor, r_diag: torch.Tensor):
+    """(loss, t) once the second pass has given ``sum_m q_m^2`` and ``r_i = sum_m zn_im q_m zc_im``.
+
+    ``||C||_F^2 = ||K||_F^2 / N^2``; the diagonal ``C_mm = q_m / N``. For backward,
+    ``dL/dZc = (4/N^2)(K Zc - Zc diag(q))`` is already column-centred, so it is ``dL/dZn``;
+    through ``z_i / n_i``: ``dL/dz_i = (dL/dzn_i - zn_i t_i) / n_i`` with
+    ``t = (4/N^2) diag(Gn K - R)``, 0 where the norm is clamped (a constant there).
+    """
+    n = gram.shape[0]
+    loss = (k.square().sum() - diag_sq) / n**2
+    t = 4.0 / n**2 * ((gram_n * k.T).sum(dim=1) - r_diag)       # diag(Gn K) without the product
+    t = torch.where(gram.diagonal().sqrt() > COSINE_EPS, t, torch.zeros_like(t))
+    return loss, t
+
+
 def _covariance_forward(z: torch.Tensor, gram: torch.Tensor):
     """Sum of squared off-diagonal covariances of the row-normalised, batch-centred z.
 
-    ``||C||_F^2 = ||K||_F^2 / N^2`` with ``K = Zc Zc^T = H Gn H`` comes from the Gram
-    matrix; the diagonal ``C_mm = q_m / N`` with ``q_m = sum_i Zc_im^2`` needs a
-    second pass over z (the norms must be complete before a column can be
-    normalised), which also accumulates ``R = Zn diag(q) Zc^T`` for backward.
+    ``||C||_F^2`` comes from the Gram matrix; the diagonal ``C_mm = q_m / N`` with
+    ``q_m = sum_i Zc_im^2`` needs a second pass over z (the norms must be complete
+    before a column can be normalised), which also accumulates ``r_i = sum_m zn_im q_m zc_im``
+    (the diagonal of ``Zn diag(q) Zc^T``) for backward.
     """
-    n = z.shape[0]
-    norms = gram.diagonal().sqrt().clamp_min(COSINE_EPS)
-    inv = 1.0 / norms
-    centre = torch.eye(n, dtype=gram.dtype, device=gram.device) - 1.0 / n
-    gram_n = gram * inv[:, None] * inv[None, :]                 # Zn Zn^T
-    k = centre @ gram_n @ centre                                # Zc Zc^T
+    inv, gram_n, k = covariance_setup(gram)
     diag_sq = torch.zeros((), dtype=gram.dtype, device=gram.device)
-    r = torch.zeros_like(gram)
+    r_diag = torch.zeros_like(inv)
     for cols in _slabs(*z.shape):
         zn = z[:, cols].to(gram.dtype) * inv[:, None]
         zc = zn - zn.mean(dim=0, keepdim=True)
         q = zc.square().sum(dim=0)
         diag_sq += q.square().sum()
-        r.addmm_(zn * q, zc.T)
-    loss = (k.square().sum() - diag_sq) / n**2
-    # dL/dZc = (4/N^2)(K Zc - Zc diag(q)) is already column-centred, so it is dL/dZn;
-    # through z_i / n_i: dL/dz_i = (dL/dzn_i - zn_i t_i) / n_i, t = diag((4/N^2)(Gn K - R)).
-    c = 4.0 / n**2
-    t = c * ((gram_n @ k).diagonal() - r.diagonal())
-    t = torch.where(gram.diagonal().sqrt() > COSINE_EPS, t, torch.zeros_like(t))
+        r_diag += (zn * q * zc).sum(dim=1)
+    loss, t = covariance_finish(gram, gram_n, k, diag_sq, r_diag)
+    c = 4.0 / z.shape[0] ** 2
     left = c * inv[:, None] * k * inv[None, :] - torch.diag(t * inv.square())   # A
-    right = c * inv[:, None] * centre * inv[None, :]                              # B
-    return loss, (left, right, inv)
+    return loss, left, inv
 
 
-def _covariance_backward(z: torch.Tensor, left, right, inv) -> torch.Tensor:
-    """dz_s = A z_s - (B z_s) diag(q_s) per slab, q_s recomputed from the slab."""
+def _covariance_backward(z: torch.Tensor, left, inv, grad_out) -> torch.Tensor:
+    """dz_s = g (A z_s - (B z_s) diag(q_s)) per slab, q_s recomputed from the slab.
+
+    ``B = (4/N^2) diag(inv) (I - 1/N) diag(inv)``, so ``B z_s = (4/N^2) inv * zc_s``.
+    """
+    c = 4.0 / z.shape[0] ** 2
+    left = left * grad_out
     out = torch.empty_like(z)
     for cols in _slabs(*z.shape):
         zs = z[:, cols].to(left.dtype)
         zc = zs * inv[:, None]
         zc = zc - zc.mean(dim=0, keepdim=True)
         q = zc.square().sum(dim=0)
-        out[:, cols] = (left @ zs - (right @ zs) * q).to(z.dtype)
+        out[:, cols] = (left @ zs - (c * grad_out) * inv[:, None] * zc * q).to(z.dtype)
     return out
+
+
+def gram_forward(z: torch.Tensor, variant: str, tau: float, margin: float, normalize_by_dim: bool):
+    """(loss, mix, state) of the flattened ``z`` (N, D); what backward needs is (z, mix, state).
+
+    mix is N x N (covariance: the matrix A); state is (1, N): the inverse norms for
+    covariance, zeros otherwise. Accumulation dtype fp32 (fp64 for fp64 input).
+    """
+    scale = 1.0 / z.shape[1] if normalize_by_dim else 1.0
+    if variant == "covariance":
+        loss, mix, inv = _covariance_forward(z, _gram(z, centred=False))
+        return loss, mix, inv[None, :]
+    gram = _gram(z, centred=variant in _DISTANCE_VARIANTS)
+    loss, mix = gram_epilogue(gram, variant, tau, margin, scale)
+    return loss, mix, gram.new_zeros((1, z.shape[0]))
+
+
+def gram_backward(grad_out: torch.Tensor, z: torch.Tensor, mix: torch.Tensor, state: torch.Tensor,
+                  variant: str) -> torch.Tensor:
+    """dL/dz in z's dtype from ``gram_forward``'s saved (mix, state) and the upstream gradient."""
+    grad_out = grad_out.to(mix.dtype)
+    if variant == "covariance":
+        return _covariance_backward(z, mix, state[0], grad_out)
+    return _apply_left(mix * grad_out, z)
 
 
 class GramDispersive(torch.autograd.Function):
@@ -159,27 +219,15 @@ class GramDispersive(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, variant: str, tau: float, margin: float, normalize_by_dim: bool):
-        scale = 1.0 / z.shape[1] if normalize_by_dim else 1.0
-        gram = _gram(z, centred=variant in _DISTANCE_VARIANTS)
-        if variant in _DISTANCE_VARIANTS:
-            loss, mix = _distance_forward(gram, variant, tau, margin, scale)
-        elif variant == "infonce_cosine":
-            loss, mix = _cosine_forward(gram, tau)
-        else:
-            loss, mix = _covariance_forward(z, gram)
+        loss, mix, state = gram_forward(z, variant, tau, margin, normalize_by_dim)
         ctx.variant = variant
-        ctx.save_for_backward(z, *(mix if isinstance(mix, tuple) else (mix,)))
+        ctx.save_for_backward(z, mix, state)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        z, *saved = ctx.saved_tensors
-        if ctx.variant == "covariance":
-            left, right, inv = saved
-            grad = _covariance_backward(z, left * grad_out, right * grad_out, inv)
-        else:
-            grad = _apply_left(saved[0] * grad_out, z)
-        return grad, None, None, None, None
+        z, mix, state = ctx.saved_tensors
+        return gram_backward(grad_out, z, mix, state, ctx.variant), None, None, None, None
 
 
 def gram_dispersive_loss(z2: torch.Tensor, variant: str, tau: float, margin: float,

@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run under the interpreter, which must be chosen before
+# triton is first imported (torch._dynamo imports it): set it here, ahead of every test module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("DISP_FIXTURES", REPO.parent / "shared" / "fixtures"))
 

@@ -1,0 +1,239 @@
+"""Fused Triton Dispersive Loss: host launchers, forward/backward, the "triton" backend.
+
+The kernels are in ``kernels.triton_gram`` (read its docstring for the passes and the
+precision scheme). Here:
+
+    forward(z, variant, ...)  -> (loss, mix_hat, state)     # no host sync anywhere
+    backward(g, z, mix_hat, state, variant) -> dz
+    gram(z, shift)            -> N x N fp32 Gram (split-K, deterministic reduction)
+
+``kernels.dispersive_loss(z, backend="triton")`` reaches them through the custom op in
+``kernels.ops``. The fused path serves N <= ``MAX_N`` and fp32/bf16/fp16; beyond that
+(or fp64) the backend falls back to the Gram path (``kernels.gram``), which works on
+CUDA tensors too. The N x N epilogue runs as one Triton program for N <= ``EPILOGUE_MAX_N``
+(InfoNCE-L2, cosine, hinge): at the paper's N = 32 it is a single launch instead of
+twenty small torch launches. Beyond that, and for covariance, it is the same math as
+torch ops on the N x N matrix (``kernels.gram``'s epilogue functions).
+
+Buffers the kernels must write are allocated with ``torch.empty``; tests set
+``POISON_BUFFERS = True`` to get them NaN-filled instead, so an element a kernel forgot
+to write shows up as NaN.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from triton.runtime.interpreter import InterpretedFunction
+
+from . import gram as gram_path
+from . import triton_gram as K
+from .reference import VARIANTS
+from .triton_config import (DISTANCE_VARIANTS, EPILOGUE_MAX_N, LAUNCH_OPTIONS, MAX_N, REDUCE_BLOCK_R,
+                            REDUCE_BLOCK_S, SUPPORTED_DTYPES, TILES, Tiles, block_rows, tiles_for)
+
+POISON_BUFFERS = False  # tests: NaN-fill every buffer a kernel is expected to overwrite
+_EPILOGUE_CODE = {"infonce_l2": K.L2.value, "infonce_cosine": K.COSINE.value, "hinge": K.HINGE.value}
+
+
+# Whether the kernels were defined for the interpreter (fixed when @triton.jit ran, i.e. at
+# import); a plain global also lets torch.compile read it without tracing into triton.
+INTERPRETED = isinstance(K.gram_partial_kernel, InterpretedFunction)
+
+
+def interpreting() -> bool:
+    return INTERPRETED
+
+
+def supports(z: torch.Tensor) -> bool:
+    """Whether the fused path takes this flattened (N, D) input (else: the Gram path)."""
+    return (z.dim() == 2 and 1 <= z.shape[0] <= MAX_N and z.dtype in SUPPORTED_DTYPES
+            and (z.is_cuda or interpreting()))
+
+
+def _upcast(z: torch.Tensor) -> bool:
+    return interpreting() and z.dtype == torch.bfloat16
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    if POISON_BUFFERS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs to aim for in a split-K launch: two per SM keep every SM streaming.
+
+    Under the interpreter programs run one after another, so only a few splits (enough
+    to exercise uneven splits in the tests).
+    """
+    if device.type == "cuda":
+        return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+def _split_columns(n_blocks: int, tiles_in_grid: int, device: torch.device, split: int | None):
+    """(splits, blocks per split) for n_blocks column blocks; no split is empty."""
+    if split is None:
+        split = max(1, -(-_target_programs(device) // tiles_in_grid))
+    per = -(-n_blocks // max(1, min(split, n_blocks)))
+    return -(-n_blocks // per), per
+
+
+def _check(z: torch.Tensor) -> None:
+    if z.dim() != 2:
+        raise ValueError(f"z must be flattened to (N, D), got shape {tuple(z.shape)}")
+    if z.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"the Triton kernels take float32, bfloat16 or float16, got {z.dtype}")
+    if not 1 <= z.shape[0] <= MAX_N:
+        raise ValueError(f"the fused path supports 1 <= N <= {MAX_N} rows, got N = {z.shape[0]}")
+    if z.shape[1] < 1:
+        raise ValueError("z must have at least one column")
+    if z.stride(-1) != 1:
+        raise ValueError(f"z's last dimension must be contiguous (stride 1), got strides {z.stride()}")
+    if not (z.is_cuda or interpreting()):
+        raise RuntimeError("the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 set before "
+                           "triton is imported, for CPU tensors)")
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown dispersive-loss variant {variant!r}; expected one of {VARIANTS}")
+
+
+def _check_out(out: torch.Tensor, shape: tuple, dtype: torch.dtype, row_stride_ok: bool = False) -> torch.Tensor:
+    """A caller's output buffer: right shape and dtype, contiguous (rows may be strided for dz)."""
+    layout_ok = out.stride(-1) == 1 if row_stride_ok else out.is_contiguous()
+    if tuple(out.shape) != shape or out.dtype != dtype or not layout_ok:
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape}, "
+                         f"got {out.dtype} {tuple(out.shape)} with strides {out.stride()}")
+    return out
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def gram(z: torch.Tensor, shift: bool, *, split: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """N x N fp32 Gram of z (of ``z - z_0`` with ``shift``): split-K partials, then a fixed-order sum."""
+    _check(z)
+    n, d = z.shape
+    t = tiles_for(n, z.dtype)
+    nt = -(-n // t.block_n)
+    split, per = _split_columns(-(-d // t.block_k), nt * (nt + 1) // 2, z.device, split)
+    np_ = nt * t.block_n
+    ws = _empty((split, np_, np_), torch.float32, z.device)                      # (S, NP, NP)
+    K.gram_partial_kernel[(nt * nt, split)](
+        z, ws, n, d, z.stride(0), nt, per,
+        BLOCK_N=t.block_n, BLOCK_K=t.block_k, SAME_TILE=nt == 1, SHIFT=shift, UPCAST=_upcast(z),
+        num_warps=t.warps, num_stages=t.stages, **LAUNCH_OPTIONS)
+    g = _empty((n, n), torch.float32, z.device) if out is None else _check_out(out, (n, n), torch.float32)
+    grid = (-(-n // REDUCE_BLOCK_R), -(-n // REDUCE_BLOCK_R))
+    K.gram_reduce_kernel[grid](ws, g, n, np_, split, t.block_n,
+                               BLOCK_R=REDUCE_BLOCK_R, BLOCK_S=REDUCE_BLOCK_S, num_warps=4,
+                               **LAUNCH_OPTIONS)
+    return g
+
+
+def _normalise_rows(mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """mix = rowscale[:, None] * mix_hat with max |mix_hat_ij| = 1 per row (as epilogue_kernel)."""
+    rowscale = mix.abs().amax(dim=1)
+    rowscale = torch.where(rowscale == 0, torch.ones_like(rowscale), rowscale)
+    return (mix / rowscale[:, None]).contiguous(), rowscale
+
+
+def _covariance(z: torch.Tensor, g: torch.Tensor, split: int | None):
+    """Second pass (column and row statistics) and the N x N epilogue of the covariance variant."""
+    n, d = z.shape
+    t = tiles_for(n, z.dtype)
+    inv, gram_n, k = gram_path.covariance_setup(g)                              # (N,), (N, N), (N, N)
+    inv = inv.contiguous()
+    n_blocks = -(-d // t.block_d)
+    mean = _empty((d,), torch.float32, z.device)
+    q = _empty((d,), torch.float32, z.device)
+    q2 = _empty((n_blocks,), torch.float32, z.device)
+    K.cov_column_stats_kernel[(n_blocks,)](z, inv, mean, q, q2, n, d, z.stride(0),
+                                           BLOCK_N=t.block_n, BLOCK_D=t.block_d, num_warps=t.warps,
+                                           **LAUNCH_OPTIONS)
+    nt = -(-n // t.block_n)
+    rsplit, per = _split_columns(n_blocks, nt, z.device, split)
+    r = _empty((rsplit, n), torch.float32, z.device)
+    K.cov_row_stats_kernel[(nt, rsplit)](z, inv, mean, q, r, n, d, z.stride(0), per,
+                                         BLOCK_N=t.block_n, BLOCK_D=t.block_d, num_warps=t.warps,
+                                         **LAUNCH_OPTIONS)
+    loss, tvec = gram_path.covariance_finish(g, gram_n, k, q2.sum(), r.sum(dim=0))
+    mix_hat, rowscale = _normalise_rows((4.0 / n**2) * inv[:, None] * k)
+    return loss, mix_hat, torch.stack((rowscale, inv, tvec * inv))
+
+
+def forward(z: torch.Tensor, variant: str, tau: float = 1.0, margin: float = 1.0,
+            normalize_by_dim: bool = True, *, split: int | None = None):
+    """(loss, mix_hat, state) of the flattened z (N, D); backward needs (z, mix_hat, state).
+
+    loss is a 0-dim fp32 tensor; mix_hat (N, N) and state (1 or 3, N) are fp32.
+    ``split`` overrides the number of column splits of the Gram kernel (tests).
+    """
+    _check(z)
+    _check_variant(variant)
+    n, d = z.shape
+    g = gram(z, shift=variant in DISTANCE_VARIANTS, split=split)               # (N, N)
+    if variant == "covariance":
+        return _covariance(z, g, split)
+    dist_scale = 1.0 / d if normalize_by_dim else 1.0
+    if n > EPILOGUE_MAX_N:
+        loss, mix = gram_path.gram_epilogue(g, variant, tau, margin, dist_scale)
+        mix_hat, rowscale = _normalise_rows(mix)
+        return loss, mix_hat, rowscale[None, :]
+    loss = _empty((), torch.float32, z.device)
+    mix_hat = _empty((n, n), torch.float32, z.device)
+    state = _empty((1, n), torch.float32, z.device)
+    K.epilogue_kernel[(1,)](g, loss, mix_hat, state, n, dist_scale, 1.0 / tau, margin,
+                            VARIANT=_EPILOGUE_CODE[variant], BLOCK=block_rows(n, z.dtype),
+                            num_warps=tiles_for(n, z.dtype).epilogue_warps, **LAUNCH_OPTIONS)
+    return loss, mix_hat, state
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def backward(grad_out: torch.Tensor, z: torch.Tensor, mix_hat: torch.Tensor, state: torch.Tensor,
+             variant: str, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """dL/dz (N, D) in z's dtype: one more read of z, one write of dz."""
+    _check(z)
+    _check_variant(variant)
+    n, d = z.shape
+    mix_hat, state = mix_hat.contiguous(), state.contiguous()                 # (N, N), (1 or 3, N)
+    t = tiles_for(n, z.dtype)
+    g = grad_out.detach().to(device=z.device, dtype=torch.float32).reshape(())  # stays on the device
+    dz = _empty((n, d), z.dtype, z.device) if out is None else _check_out(out, (n, d), z.dtype, True)  # (N, D)
+    grid = (-(-n // t.block_n) * -(-d // t.block_d),)                        # row tiles fastest
+    common = dict(UPCAST=_upcast(z), BLOCK_M=t.block_n, BLOCK_N=t.block_j, BLOCK_D=t.block_d,
+                  num_warps=t.bwd_warps, num_stages=t.stages, **LAUNCH_OPTIONS)
+    if variant == "covariance":
+        K.cov_backward_kernel[grid](z, dz, mix_hat, state, g, n, d, z.stride(0), dz.stride(0),
+                                    4.0 / n**2, **common)
+    else:
+        K.mix_backward_kernel[grid](z, dz, mix_hat, state, g, n, d, z.stride(0), dz.stride(0),
+                                    SHIFT=variant in DISTANCE_VARIANTS, **common)
+    return dz
+
+
+# ----------------------------------------------------------------------------- the backend
+
+
+def triton_backend(z2: torch.Tensor, variant: str, tau: float, margin: float,
+                   normalize_by_dim: bool) -> torch.Tensor:
+    """``backend="triton"`` of ``kernels.dispersive_loss`` on the flattened z (N, D)."""
+    from .ops import dispersive_op
+
+    # Beyond MAX_N, or fp64: the Gram path (it runs on CUDA too). A shape/dtype test, no sync.
+    backend = "triton" if supports(z2) else "torch"
+    return dispersive_op(z2, variant, tau, margin, normalize_by_dim, backend)
+
+
+__all__ = ["EPILOGUE_MAX_N", "INTERPRETED", "MAX_N", "TILES", "Tiles", "backward", "forward", "gram",
+           "supports", "tiles_for", "triton_backend"]

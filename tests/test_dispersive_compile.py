@@ -1,0 +1,69 @@
+"""torch.compile sees the loss as one custom op: no graph break, same value and gradient."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().parents[1] / "build" / "cache" / "inductor"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import VARIANTS, dispersive_loss  # noqa: E402
+from kernels.ops import backward_op, forward_op  # noqa: E402
+
+
+class _Tiny(torch.nn.Module):
+    """A projection, the loss on its output, and a second term: the loss sits inside a graph."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.proj = torch.nn.Linear(12, 20)
+        self.variant = variant
+
+    def forward(self, x):
+        z = torch.tanh(self.proj(x)).reshape(x.shape[0], 4, 5)          # (N, T, C)
+        return z.square().mean() + 0.5 * dispersive_loss(z, variant=self.variant, tau=0.5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compiled_fullgraph_matches_eager(variant, rng):
+    torch._dynamo.reset()
+    model = _Tiny(variant)
+    x = torch.randn(6, 12, generator=rng)
+    eager = model(x)
+    (g_eager,) = torch.autograd.grad(eager, model.proj.weight)
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: a graph break raises
+    out = compiled(x)
+    (g_compiled,) = torch.autograd.grad(out, model.proj.weight)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_compiled, g_eager, rtol=1e-4, atol=1e-6)
+
+
+def test_the_op_is_in_the_captured_graph(rng):
+    torch._dynamo.reset()
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes)
+        return gm
+
+    fn = torch.compile(lambda z: dispersive_loss(z) * 2, backend=backend, fullgraph=True)
+    z = torch.randn(5, 7, generator=rng)
+    assert fn(z).item() == pytest.approx(2 * dispersive_loss(z).item(), rel=1e-6)
+    assert any("dispersive.forward" in t for t in seen), seen
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_opcheck_torch_backend(variant, rng):
+    """torch.library's consistency checks: schema, fake tensors, autograd, AOT dispatch."""
+    z = torch.randn(4, 9, generator=rng, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(forward_op, (z, variant, 0.5, 1.0, True, "torch"))
+    loss, mix, state = forward_op(z.detach(), variant, 0.5, 1.0, True, "torch")
+    torch.library.opcheck(backward_op, (torch.tensor(1.5, dtype=torch.float64), z.detach(), mix, state, variant, "torch"))
+
+
+def test_custom_op_gradcheck(rng):
+    z = torch.randn(5, 6, generator=rng, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: kernels.dispersive_loss(z, variant="hinge", margin=3.0), (z,))

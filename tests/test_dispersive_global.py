@@ -1,0 +1,109 @@
+"""scope="global": two CPU ranks (gloo) against one process holding the whole batch."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from kernels import VARIANTS, DispersiveLoss, dispersive_loss
+
+WORLD = 2
+N_LOCAL, D_IN, D_OUT = 3, 7, 10
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _problem():
+    """Inputs of the whole global batch and the projection both setups share."""
+    gen = torch.Generator().manual_seed(1234)
+    x = torch.randn(WORLD * N_LOCAL, D_IN, generator=gen, dtype=torch.float64)
+    weight = torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64) * 0.4
+    return x, weight
+
+
+def _loss(x, weight, variant, scope):
+    z = torch.tanh(x @ weight.T)                                           # (N, D_OUT)
+    return dispersive_loss(z, variant=variant, tau=0.6, margin=2.0, scope=scope)
+
+
+def _rank_main(rank: int, port: int, queue) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        for variant in VARIANTS:
+            x, weight = _problem()
+            weight = weight.clone().requires_grad_()
+            x_local = x[rank * N_LOCAL:(rank + 1) * N_LOCAL].clone().requires_grad_()
+            loss = _loss(x_local, weight, variant, "global")
+            loss.backward()
+            # What DDP / DeepSpeed do with parameter gradients: the mean over ranks.
+            grad = weight.grad.clone()
+            dist.all_reduce(grad)
+            grad /= WORLD
+            # numpy copies: a tensor would travel as shared memory that dies with this process
+            queue.put((variant, rank, loss.item(), grad.numpy(), x_local.grad.numpy()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> dict:
+    """Runs both ranks once (every variant) and returns {(variant, rank): (loss, grad, x_grad)}."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, port, queue)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    try:
+        items = [queue.get(timeout=180) for _ in range(WORLD * len(VARIANTS))]
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return {(variant, rank): (loss, torch.from_numpy(grad), torch.from_numpy(x_grad))
+            for variant, rank, loss, grad, x_grad in items}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_two_ranks_equal_one_process(variant, two_ranks):
+    x, weight = _problem()
+    weight = weight.clone().requires_grad_()
+    xs = x.clone().requires_grad_()
+    single = _loss(xs, weight, variant, "local")
+    single.backward()
+    for rank in range(WORLD):
+        loss, avg_grad, x_grad = two_ranks[(variant, rank)]
+        # Same loss on every rank: that of the global batch.
+        assert loss == pytest.approx(single.item(), rel=1e-12, abs=1e-14)
+        # Averaged parameter gradients equal the single-process gradient.
+        torch.testing.assert_close(avg_grad, weight.grad, rtol=1e-10, atol=1e-12)
+        # The input gradient reaches only the local rows, scaled by the world size
+        # (the averaging divides it back).
+        local = xs.grad[rank * N_LOCAL:(rank + 1) * N_LOCAL]
+        torch.testing.assert_close(x_grad, WORLD * local, rtol=1e-10, atol=1e-12)
+
+
+def test_global_without_process_group_is_local(rng):
+    assert not dist.is_initialized()
+    z = torch.randn(5, 8, generator=rng, requires_grad=True)
+    a = dispersive_loss(z, scope="global")
+    (ga,) = torch.autograd.grad(a, z)
+    b = dispersive_loss(z, scope="local")
+    (gb,) = torch.autograd.grad(b, z)
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+
+
+def test_scope_is_validated():
+    with pytest.raises(ValueError, match="scope"):
+        dispersive_loss(torch.ones(3, 4), scope="world")
+    with pytest.raises(ValueError, match="scope"):
+        DispersiveLoss(scope="batch")
+    assert "scope='global'" in repr(DispersiveLoss(scope="global"))
