@@ -1,9 +1,12 @@
 """Process-group set-up shared by ``deepspeed``, ``torchrun`` and plain ``python`` launches."""
 from __future__ import annotations
 
+import atexit
+import ctypes
 import datetime
 import os
 import socket
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -35,7 +38,39 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int, torch.dev
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        if device.type == "cpu":
+            atexit.register(release_shared_memory)
+            return_freed_memory(first_call=True)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def return_freed_memory(first_call: bool = False) -> None:
+    """Makes glibc give freed memory back to the OS (CPU ranks).
+
+    glibc raises its mmap threshold up to 32 MB as large blocks are freed, after which
+    tensors up to that size come from the heap and stay in the process when freed: a rank
+    of an XL ZeRO-3 run kept ~2.5 GB of dead start-up tensors that way (measured RSS per
+    rank 8.5 GB -> 6.0 GB with this). A fixed 1 MB threshold plus a trim fixes it.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    if first_call:
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB, no longer adjusted dynamically
+    libc.malloc_trim(0)
+
+
+def release_shared_memory() -> None:
+    """Unlinks this rank's DeepSpeed CPU all-reduce buffer in /dev/shm.
+
+    DeepSpeed's shared-memory collectives for CPU ranks create one 69 MB file per rank and
+    never unlink it, so every CPU run would leave 138 MB of RAM behind. Called at exit; the
+    memory itself goes when the last process that maps it does.
+    """
+    addr, port, rank = (os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "RANK"))
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"):
+        path.unlink(missing_ok=True)
 
 
 def any_true(flags: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import models
 from .checkpoint import CheckpointDir, atomic_torch_save, tag_for
 from .cli import config_to_dict
 from .config import TrainConfig
-from .distributed import any_true, barrier, init_distributed
+from .distributed import any_true, barrier, init_distributed, return_freed_memory
 from .ema import FullEMA, ShardedEMA, full_state_dict
 from .metrics import MetricsWriter, PhaseTimer, peak_tflops
 from .objective import build_objective
@@ -44,8 +44,10 @@ def deepspeed_config(cfg: TrainConfig, micro: int, accum: int) -> dict[str, Any]
         # under ZeRO-3) cost several GB per rank, more than an XL run on a small host has.
         zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=int(5e7))
     if cfg.zero_stage == 3:
+        # sub_group_size: the optimizer steps 100M-element groups one after another, so
+        # AdamW's temporaries are 0.4 GB instead of the size of the whole local partition.
         zero.update(stage3_prefetch_bucket_size=int(5e7), stage3_max_live_parameters=int(1e8),
-                    stage3_max_reuse_distance=int(1e8))
+                    stage3_max_reuse_distance=int(1e8), sub_group_size=int(1e8))
     if cfg.offload and cfg.zero_stage >= 1:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         if cfg.zero_stage == 3:
@@ -156,6 +158,8 @@ class Trainer:
             # model is 2.7 GB in fp32 on every rank until DeepSpeed partitions it).
             model = model.to(torch.bfloat16)
         self.engine = self._deepspeed(model)
+        if self.device.type == "cpu":
+            return_freed_memory()  # the unsharded start-up copies are dead now
         if cfg.zero_stage == 3:
             self.ema = ShardedEMA(self.engine, self.param_names, initial)
             del initial
@@ -229,8 +233,14 @@ class Trainer:
         step = self.step
         path = self.ckpts.path(step)
         self.engine.save_checkpoint(str(self.ckpts.root), tag=tag_for(step), save_latest=False)
-        # Collectives under ZeRO-3 and bf16: every rank joins, rank 0 keeps the results.
+        # Collectives under ZeRO-3 and bf16: every rank joins, rank 0 keeps the results. The
+        # full weights are parked in a file and memory-mapped back, so that rank 0 never holds
+        # two full fp32 copies (5.4 GB for XL) at once.
         full = full_state_dict(self.engine, self.param_names, self.gather, keep=self.is_main)
+        parked = path / "model-weights.tmp.pt"
+        if self.is_main:
+            torch.save(full, parked)
+            full = torch.load(parked, map_location="cpu", weights_only=True, mmap=True)
         ema_full = self.ema.full_state_dict(self.engine)
         torch.save({"step": step, "images_seen": self.images_seen, "skipped": self.skipped,
                     "rng": _rng_state(), "loader": self.loader.state_dict(),
@@ -244,6 +254,8 @@ class Trainer:
             atomic_torch_save({"model": full, "ema": ema_full, "args": self._release_args(),
                                "config": self.model_cfg.to_dict(), "step": step},
                               self.ckpts.release_path(step))
+            del full
+            parked.unlink()
             self.ckpts.mark_complete(step)
             self.ckpts.prune(self.cfg.keep_last_k)
         barrier()
@@ -454,9 +466,10 @@ class Trainer:
         weights = self.ema.full_state_dict(self.engine)
         if weights is None:
             return None
-        model = models.create_model(self.cfg.model.name, **{k: v for k, v in self.model_cfg.to_dict().items()
-                                                            if k != "family"})
-        model.load_state_dict(weights)
+        with torch.device("meta"):  # no second set of weights: the gathered tensors are used as they are
+            model = models.create_model(self.cfg.model.name, **{k: v for k, v in self.model_cfg.to_dict().items()
+                                                                if k != "family"})
+        model.load_state_dict(weights, assign=True)
         return model.to(self.device).eval()
 
     def _start_profiler(self):

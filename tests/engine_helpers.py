@@ -31,16 +31,26 @@ def engine_env(**extra: str) -> dict[str, str]:
 def run_engine(args: list[str], *, ranks: int = 2, env: dict[str, str] | None = None,
                check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus ranks engine/train.py args`` (ranks > 0) or ``python engine/train.py``."""
+    port = _port()
     if ranks:
         deepspeed = Path(sys.executable).with_name("deepspeed")
-        cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", _port(), "engine/train.py", *args]
+        cmd = [str(deepspeed), "--num_gpus", str(ranks), "--master_port", port, "engine/train.py", *args]
     else:
         cmd = [sys.executable, "engine/train.py", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env or engine_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env or engine_env(), capture_output=True, text=True,
+                              timeout=timeout)
+    finally:
+        release_shared_memory(port)
     if check and proc.returncode != 0:
         raise AssertionError(f"engine failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def release_shared_memory(port: str) -> None:
+    """A killed CPU rank cannot unlink its DeepSpeed /dev/shm buffer: do it for the test."""
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        path.unlink(missing_ok=True)
 
 
 def metrics(results: Path) -> list[dict]:

@@ -143,7 +143,7 @@ def test_sigterm_writes_a_final_checkpoint_and_exits_cleanly(tmp_path):
 
     import psutil
 
-    from tests.engine_helpers import REPO, _port, engine_env
+    from tests.engine_helpers import REPO, _port, engine_env, release_shared_memory
     deepspeed = __import__("sys").executable.replace("python", "deepspeed")
     cmd = [deepspeed, "--num_gpus", "2", "--master_port", _port(), "engine/train.py", *COMMON,
            "--zero-stage", "2", "--max-steps", "100000", "--ckpt-every", "100000", "--results-dir", str(tmp_path)]
@@ -162,6 +162,7 @@ def test_sigterm_writes_a_final_checkpoint_and_exits_cleanly(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+        release_shared_memory(cmd[cmd.index("--master_port") + 1])
     assert proc.returncode == 0, out[-4000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stopped_by_signal"] is True and summary["step"] < 100000
@@ -186,3 +187,18 @@ def test_meanflow_trains_on_two_ranks_and_samples_in_one_step(tmp_path):
         x0 = sample_meanflow(model, torch.arange(4), noise, steps=1)
         u = model(noise, torch.ones(4), torch.arange(4), h=torch.ones(4))  # u(z_1, r=0, t=1)
     torch.testing.assert_close(x0, noise - u)
+
+
+def test_literal_sit_xl_command_zero3_bf16_two_ranks(tmp_path):
+    """`deepspeed engine/train.py --model sit_xl` on a CPU machine: 2 steps, ZeRO-3, bf16, 2 ranks,
+    micro batch 1, synthetic 4x32x32 latents (the full 675M-parameter model)."""
+    run_engine(["--model", "sit_xl", "--zero-stage", "3", "--precision", "bf16", "--micro-batch", "1",
+                "--global-batch", "2", "--max-steps", "2", "--log-every", "1", "--data", "synthetic",
+                "--synthetic-samples", "8", "--sample-count", "1", "--sample-steps", "2",
+                "--loader", "torch", "--num-workers", "0", "--disp-preset", "release",
+                "--results-dir", str(tmp_path)], timeout=1500)
+    records = metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(math.isfinite(r["diffusion_loss"]) and math.isfinite(r["dispersive/block_27"]) for r in records)
+    release = torch.load(tmp_path / "checkpoints" / "0000002.pt", map_location="cpu", weights_only=True, mmap=True)
+    assert sum(v.numel() for k, v in release["model"].items() if k != "pos_embed") == 675_129_632 - 256 * 1152
