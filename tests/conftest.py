@@ -29,3 +29,13 @@ def release_fixtures() -> dict:
 def rng(request) -> torch.Generator:
     """A generator seeded from the test's own name: fresh inputs per case, reproducible."""
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(scope="session")
+def dit(release_fixtures):
+    """The DiT release's tiny fixture model (learned sigma), in eval mode."""
+    import models
+
+    model = models.create_model("dit_s", **release_fixtures["config"]).eval()
+    model.load_state_dict(release_fixtures["dit_state_dict"])
+    return model

@@ -31,13 +31,6 @@ def sit(release_fixtures):
     return model
 
 
-@pytest.fixture(scope="module")
-def dit(release_fixtures):
-    model = models.create_model("dit_s", **release_fixtures["config"]).eval()
-    model.load_state_dict(release_fixtures["dit_state_dict"])
-    return model
-
-
 # ---- DispersiveConfig ------------------------------------------------------------------
 
 

@@ -25,13 +25,6 @@ def sit(release_fixtures):
     return model
 
 
-@pytest.fixture(scope="module")
-def dit(release_fixtures):
-    model = models.create_model("dit_s", **release_fixtures["config"]).eval()
-    model.load_state_dict(release_fixtures["dit_state_dict"])
-    return model
-
-
 def exact_sit_output(tr: Transport, prediction: str):
     """The ideal network for N(MU, S^2) data: exact velocity, noise or score."""
     def fn(x, t):
