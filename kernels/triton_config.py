@@ -13,7 +13,7 @@ MAX_N = 1024            # fused path limit (rows of z); larger N falls back to t
 EPILOGUE_MAX_N = 64     # one-program Triton epilogue up to this N; torch ops on N x N beyond
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DISTANCE_VARIANTS = ("infonce_l2", "hinge")
-REDUCE_BLOCK_R, REDUCE_BLOCK_S = 32, 8   # gram_reduce_kernel: 32 x 32 outputs, 8 partials a step
+REDUCE_BLOCK_E, REDUCE_BLOCK_S = 64, 64   # gram_reduce_kernel: 64 outputs x 64 partials a step
 # Options of every launch. FMA contraction is stated, not left to TRITON_DEFAULT_FP_FUSION
 # (Triton 3.9 warns when it is unset; its default flips in 3.10).
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
@@ -25,8 +25,9 @@ class Tiles:
 
     One table instead of an autotuner: the choice depends only on N and the dtype, so
     ``kernels.check`` compiles exactly the set the launchers can pick. The values compile
-    without register spills on sm_80 and sm_90 (checked by ``kernels.check``); they were
-    chosen without a GPU to time them, so a benchmark sweep may still move them.
+    on sm_80 and sm_90 with at most ``kernels.check.SPILL_TOLERANCE`` bytes of spills. The
+    16-bit Gram entries use the 4-warp tiles that ``bench.tile_sweep`` timed fastest on an
+    H200 (2026-11-30, bench/results); the fp32 entries and the backward were not re-timed.
     """
     block_n: int     # rows per Gram tile; output rows per backward program
     block_k: int     # columns per Gram step (split-K granularity)
@@ -41,8 +42,8 @@ class Tiles:
 # (block_n, 16-bit input) -> tiles. fp32 tiles are narrower: an exact-fp32 tl.dot is an
 # FMA loop that holds whole rows/columns of the inner dimension in registers.
 TILES: dict[tuple[int, bool], Tiles] = {
-    (32, True): Tiles(32, 128, 128, 32, 8, 4, 3),
-    (64, True): Tiles(64, 64, 64, 32, 8, 8, 3),
+    (32, True): Tiles(32, 128, 128, 32, 4, 4, 3),
+    (64, True): Tiles(64, 64, 64, 32, 4, 8, 3),
     (16, False): Tiles(16, 64, 64, 16, 4, 4, 3),
     (32, False): Tiles(32, 64, 64, 16, 4, 4, 3),
     (64, False): Tiles(64, 32, 32, 16, 8, 8, 3),

@@ -29,7 +29,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from . import gram as gram_path
 from . import triton_gram as K
 from .reference import VARIANTS
-from .triton_config import (DISTANCE_VARIANTS, EPILOGUE_MAX_N, LAUNCH_OPTIONS, MAX_N, REDUCE_BLOCK_R,
+from .triton_config import (DISTANCE_VARIANTS, EPILOGUE_MAX_N, LAUNCH_OPTIONS, MAX_N, REDUCE_BLOCK_E,
                             REDUCE_BLOCK_S, SUPPORTED_DTYPES, TILES, Tiles, block_rows, tiles_for)
 
 POISON_BUFFERS = False  # tests: NaN-fill every buffer a kernel is expected to overwrite
@@ -132,10 +132,8 @@ def gram(z: torch.Tensor, shift: bool, *, split: int | None = None, out: torch.T
         BLOCK_N=t.block_n, BLOCK_K=t.block_k, SAME_TILE=nt == 1, SHIFT=shift, UPCAST=_upcast(z),
         num_warps=t.warps, num_stages=t.stages, **LAUNCH_OPTIONS)
     g = _empty((n, n), torch.float32, z.device) if out is None else _check_out(out, (n, n), torch.float32)
-    grid = (-(-n // REDUCE_BLOCK_R), -(-n // REDUCE_BLOCK_R))
-    K.gram_reduce_kernel[grid](ws, g, n, np_, split, t.block_n,
-                               BLOCK_R=REDUCE_BLOCK_R, BLOCK_S=REDUCE_BLOCK_S, num_warps=4,
-                               **LAUNCH_OPTIONS)
+    K.gram_reduce_kernel[(-(-n * n // REDUCE_BLOCK_E),)](ws, g, n, np_, split, t.block_n,
+            BLOCK_E=REDUCE_BLOCK_E, BLOCK_S=REDUCE_BLOCK_S, num_warps=4, **LAUNCH_OPTIONS)
     return g
 
 
@@ -157,14 +155,12 @@ def _covariance(z: torch.Tensor, g: torch.Tensor, split: int | None):
     q = _empty((d,), torch.float32, z.device)
     q2 = _empty((n_blocks,), torch.float32, z.device)
     K.cov_column_stats_kernel[(n_blocks,)](z, inv, mean, q, q2, n, d, z.stride(0),
-                                           BLOCK_N=t.block_n, BLOCK_D=t.block_d, num_warps=t.warps,
-                                           **LAUNCH_OPTIONS)
+            BLOCK_N=t.block_n, BLOCK_D=t.block_d, num_warps=t.warps, **LAUNCH_OPTIONS)
     nt = -(-n // t.block_n)
     rsplit, per = _split_columns(n_blocks, nt, z.device, split)
     r = _empty((rsplit, n), torch.float32, z.device)
     K.cov_row_stats_kernel[(nt, rsplit)](z, inv, mean, q, r, n, d, z.stride(0), per,
-                                         BLOCK_N=t.block_n, BLOCK_D=t.block_d, num_warps=t.warps,
-                                         **LAUNCH_OPTIONS)
+            BLOCK_N=t.block_n, BLOCK_D=t.block_d, num_warps=t.warps, **LAUNCH_OPTIONS)
     loss, tvec = gram_path.covariance_finish(g, gram_n, k, q2.sum(), r.sum(dim=0))
     mix_hat, rowscale = _normalise_rows((4.0 / n**2) * inv[:, None] * k)
     return loss, mix_hat, torch.stack((rowscale, inv, tvec * inv))
@@ -192,8 +188,8 @@ def forward(z: torch.Tensor, variant: str, tau: float = 1.0, margin: float = 1.0
     mix_hat = _empty((n, n), torch.float32, z.device)
     state = _empty((1, n), torch.float32, z.device)
     K.epilogue_kernel[(1,)](g, loss, mix_hat, state, n, dist_scale, 1.0 / tau, margin,
-                            VARIANT=_EPILOGUE_CODE[variant], BLOCK=block_rows(n, z.dtype),
-                            num_warps=tiles_for(n, z.dtype).epilogue_warps, **LAUNCH_OPTIONS)
+            VARIANT=_EPILOGUE_CODE[variant], BLOCK=block_rows(n, z.dtype),
+            num_warps=tiles_for(n, z.dtype).epilogue_warps, **LAUNCH_OPTIONS)
     return loss, mix_hat, state
 
 
@@ -215,10 +211,10 @@ def backward(grad_out: torch.Tensor, z: torch.Tensor, mix_hat: torch.Tensor, sta
                   num_warps=t.bwd_warps, num_stages=t.stages, **LAUNCH_OPTIONS)
     if variant == "covariance":
         K.cov_backward_kernel[grid](z, dz, mix_hat, state, g, n, d, z.stride(0), dz.stride(0),
-                                    4.0 / n**2, **common)
+                4.0 / n**2, **common)
     else:
         K.mix_backward_kernel[grid](z, dz, mix_hat, state, g, n, d, z.stride(0), dz.stride(0),
-                                    SHIFT=variant in DISTANCE_VARIANTS, **common)
+                SHIFT=variant in DISTANCE_VARIANTS, **common)
     return dz
 
 

