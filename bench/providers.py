@@ -137,11 +137,13 @@ def timed_pass(fn: LossFn, z: torch.Tensor, mode: str, *, sync: bool = True
 def release_term() -> Iterator[None]:
     """Inside, ``engine.objective`` computes the dispersive term with the release's pdist code.
 
-    The objective calls ``kernels.dispersive_loss`` through the module at call time, so
-    swapping that attribute changes the implementation and nothing else: same model, same
-    batch, same blocks, same weights. Only the release's own loss (InfoNCE-L2 over D) exists.
+    The objective calls ``kernels.dispersive_loss_groups`` (and code may call
+    ``kernels.dispersive_loss``) through the module at call time, so swapping those
+    attributes changes the implementation and nothing else: same model, same batch, same
+    blocks, same weights; the release's way is one pdist call per block. Only the release's
+    own loss (InfoNCE-L2 over D) exists.
     """
-    original = kernels.dispersive_loss
+    originals = (kernels.dispersive_loss, kernels.dispersive_loss_groups)
 
     def release(z: torch.Tensor, *, variant: str = "infonce_l2", tau: float = 1.0,
                 normalize_by_dim: bool = True, **_backend_options) -> torch.Tensor:
@@ -150,8 +152,11 @@ def release_term() -> Iterator[None]:
                              f"got variant={variant!r}, normalize_by_dim={normalize_by_dim}")
         return release_dispersive_loss(z, tau)
 
-    kernels.dispersive_loss = release
+    def release_groups(zs, **options) -> torch.Tensor:
+        return torch.stack([release(z, **options) for z in zs])
+
+    kernels.dispersive_loss, kernels.dispersive_loss_groups = release, release_groups
     try:
         yield
     finally:
-        kernels.dispersive_loss = original
+        kernels.dispersive_loss, kernels.dispersive_loss_groups = originals

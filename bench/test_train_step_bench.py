@@ -8,7 +8,7 @@ the same machine state:
 
     none            no dispersive term (the model is called without hidden-state taps)
     last/release    the term on the last block (the release's setting), release's pdist code
-    last/project    the same, this project's implementation (kernels.dispersive_loss, auto)
+    last/project    the same, this project's implementation (kernels.dispersive_loss_groups, auto)
     all/release     the term on every block, release's code
     all/project     the term on every block, this project's implementation
 

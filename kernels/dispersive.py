@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -153,6 +153,37 @@ def dispersive_loss(z: torch.Tensor, *, variant: Variant = "infonce_l2", tau: fl
         z2 = gather_rows(z2, group)                                   # (world * N, D)
     impl = _BACKENDS[resolve_backend(z, backend)]
     return impl(z2, variant, tau, margin, bool(normalize_by_dim))
+
+
+def dispersive_loss_groups(zs: Sequence[torch.Tensor], *, variant: Variant = "infonce_l2", tau: float = 1.0,
+                           margin: float = DEFAULT_MARGIN, normalize_by_dim: bool = True,
+                           backend: Backend = "auto", scope: Scope = "local", group=None) -> torch.Tensor:
+    """The loss of each batch in ``zs``, shape (K,): ``torch.stack([dispersive_loss(z, ...) for z in zs])``.
+
+    For the term on many blocks (the same N and feature shape each). On the Triton backend
+    the batches are stacked and the K losses come from one call of the fused kernels (one
+    launch per kernel), which removes K - 1 times the per-call host cost (Python, autograd,
+    launches: about 0.85 ms per call on an H200's host against 0.07 ms of GPU time at the
+    paper's sizes) for one copy of the K batches on the device. Otherwise (CPU, N > 64,
+    covariance, scope="global", mixed shapes) it is the loop above. Options as
+    :func:`dispersive_loss`.
+    """
+    zs = list(zs)
+    if not zs:
+        raise ValueError("zs must hold at least one batch")
+    for z in zs:
+        tau, margin = validate(z, variant, tau, margin, backend, scope)
+    first = zs[0]
+    if (scope == "local" and len(zs) > 1 and resolve_backend(first, backend) == "triton"
+            and all(z.shape == first.shape and z.dtype == first.dtype and z.device == first.device for z in zs)):
+        from . import triton_dispersive
+
+        flat = [z.reshape(z.shape[0], -1) for z in zs]
+        if triton_dispersive.supports_groups(flat[0], variant):
+            z3 = torch.stack(flat)                                                 # (K, N, D)
+            return dispersive_op(z3, variant, tau, margin, bool(normalize_by_dim), "triton")
+    return torch.stack([dispersive_loss(z, variant=variant, tau=tau, margin=margin, normalize_by_dim=normalize_by_dim,
+                                        backend=backend, scope=scope, group=group) for z in zs])
 
 
 class DispersiveLoss(nn.Module):

@@ -3,6 +3,9 @@
     dispersive::forward(z, variant, tau, margin, normalize_by_dim, backend) -> (loss, mix, state)
     dispersive::backward(grad, z, mix, state, variant, backend) -> dz
 
+z is one batch (N, D), or on the "triton" backend a stack of K batches (K, N, D) with one
+loss per batch (``kernels.triton_dispersive.supports_groups``).
+
 ``backend`` is ``"torch"`` (``kernels.gram``, any device, fp64 too) or ``"triton"``
 (``kernels.triton_dispersive``). ``mix`` (N x N) and ``state`` (rows x N) are what each
 backend's backward needs; their meaning belongs to the backend, only their shapes are
@@ -37,9 +40,9 @@ def forward_op(z: Tensor, variant: str, tau: float, margin: float, normalize_by_
 
 @forward_op.register_fake
 def _forward_fake(z, variant, tau, margin, normalize_by_dim, backend):
-    n, acc = z.shape[0], _acc_dtype(z, backend)
-    return (z.new_empty((), dtype=acc), z.new_empty((n, n), dtype=acc),
-            z.new_empty((_state_rows(variant, backend), n), dtype=acc))
+    lead, n, acc = tuple(z.shape[:-2]), z.shape[-2], _acc_dtype(z, backend)  # lead: (K,) for a stack
+    return (z.new_empty(lead, dtype=acc), z.new_empty((*lead, n, n), dtype=acc),
+            z.new_empty((*lead, _state_rows(variant, backend), n), dtype=acc))
 
 
 @torch.library.custom_op("dispersive::backward", mutates_args=())
@@ -73,5 +76,6 @@ forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 def dispersive_op(z2: Tensor, variant: str, tau: float, margin: float, normalize_by_dim: bool,
                   backend: str) -> Tensor:
-    """The loss of the flattened z (N, D) through the custom op (fp32; fp64 for fp64 on "torch")."""
+    """The loss of the flattened z (N, D) through the custom op (fp32; fp64 for fp64 on "torch");
+    the K losses (K,) of a stack (K, N, D) on the "triton" backend."""
     return forward_op(z2, variant, float(tau), float(margin), bool(normalize_by_dim), backend)[0]

@@ -51,6 +51,13 @@ def supports(z: torch.Tensor) -> bool:
             and (z.is_cuda or interpreting()))
 
 
+def supports_groups(z: torch.Tensor, variant: str) -> bool:
+    """Whether one fused call takes a stack (K, N, D) of batches like this one (N, D):
+    N <= ``EPILOGUE_MAX_N`` and not covariance (the variants whose whole epilogue is the
+    one-program kernel)."""
+    return supports(z) and z.shape[0] <= EPILOGUE_MAX_N and variant != "covariance"
+
+
 def _upcast(z: torch.Tensor) -> bool:
     return interpreting() and z.dtype == torch.bfloat16
 
@@ -86,8 +93,13 @@ def _split_columns(n_blocks: int, tiles_in_grid: int, device: torch.device, spli
 
 
 def _check(z: torch.Tensor) -> None:
+    if z.dim() == 3:  # a stack of K batches (groups); each is checked as an (N, D) input
+        if z.shape[0] < 1:
+            raise ValueError("a stack of batches needs at least one group")
+        _check(z[0])
+        return
     if z.dim() != 2:
-        raise ValueError(f"z must be flattened to (N, D), got shape {tuple(z.shape)}")
+        raise ValueError(f"z must be flattened to (N, D) or stacked to (K, N, D), got shape {tuple(z.shape)}")
     if z.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the Triton kernels take float32, bfloat16 or float16, got {z.dtype}")
     if not 1 <= z.shape[0] <= MAX_N:
@@ -118,21 +130,29 @@ def _check_out(out: torch.Tensor, shape: tuple, dtype: torch.dtype, row_stride_o
 # ----------------------------------------------------------------------------- forward
 
 
+def _groups(z: torch.Tensor) -> torch.Tensor:
+    """z as a stack (K, N, D): a view with K = 1 for a single batch."""
+    return z if z.dim() == 3 else z.unsqueeze(0)
+
+
 def gram(z: torch.Tensor, shift: bool, *, split: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """N x N fp32 Gram of z (of ``z - z_0`` with ``shift``): split-K partials, then a fixed-order sum."""
+    """N x N fp32 Gram of z (of ``z - z_0`` with ``shift``): split-K partials, then a fixed-order sum.
+    For a stack (K, N, D), the K Grams (K, N, N) from the same two launches."""
     _check(z)
-    n, d = z.shape
+    zg = _groups(z)
+    k, n, d = zg.shape
     t = tiles_for(n, z.dtype)
     nt = -(-n // t.block_n)
-    split, per = _split_columns(-(-d // t.block_k), nt * (nt + 1) // 2, z.device, split)
+    split, per = _split_columns(-(-d // t.block_k), k * nt * (nt + 1) // 2, z.device, split)
     np_ = nt * t.block_n
-    ws = _empty((split, np_, np_), torch.float32, z.device)                      # (S, NP, NP)
-    K.gram_partial_kernel[(nt * nt, split)](
-        z, ws, n, d, z.stride(0), nt, per,
+    ws = _empty((k, split, np_, np_), torch.float32, z.device)                   # (K, S, NP, NP)
+    K.gram_partial_kernel[(nt * nt, split, k)](
+        zg, ws, n, d, zg.stride(1), zg.stride(0), nt, per,
         BLOCK_N=t.block_n, BLOCK_K=t.block_k, SAME_TILE=nt == 1, SHIFT=shift, UPCAST=_upcast(z),
         num_warps=t.warps, num_stages=t.stages, **LAUNCH_OPTIONS)
-    g = _empty((n, n), torch.float32, z.device) if out is None else _check_out(out, (n, n), torch.float32)
-    K.gram_reduce_kernel[(-(-n * n // REDUCE_BLOCK_E),)](ws, g, n, np_, split, t.block_n,
+    shape = (k, n, n) if z.dim() == 3 else (n, n)
+    g = _empty(shape, torch.float32, z.device) if out is None else _check_out(out, shape, torch.float32)
+    K.gram_reduce_kernel[(-(-n * n // REDUCE_BLOCK_E), k)](ws, g, n, np_, split, t.block_n,
             BLOCK_E=REDUCE_BLOCK_E, BLOCK_S=REDUCE_BLOCK_S, num_warps=4, **LAUNCH_OPTIONS)
     return g
 
@@ -170,13 +190,17 @@ def forward(z: torch.Tensor, variant: str, tau: float = 1.0, margin: float = 1.0
             normalize_by_dim: bool = True, *, split: int | None = None):
     """(loss, mix_hat, state) of the flattened z (N, D); backward needs (z, mix_hat, state).
 
-    loss is a 0-dim fp32 tensor; mix_hat (N, N) and state (1 or 3, N) are fp32.
+    loss is a 0-dim fp32 tensor; mix_hat (N, N) and state (1 or 3, N) are fp32. A stack
+    z (K, N, D) that ``supports_groups`` gives K losses (K,), (K, N, N) and (K, 1, N).
     ``split`` overrides the number of column splits of the Gram kernel (tests).
     """
     _check(z)
     _check_variant(variant)
-    n, d = z.shape
-    g = gram(z, shift=variant in DISTANCE_VARIANTS, split=split)               # (N, N)
+    if z.dim() == 3 and not supports_groups(z[0], variant):
+        raise ValueError(f"a stack of batches takes N <= {EPILOGUE_MAX_N} and no covariance, got N = "
+                         f"{z.shape[1]}, {variant}; call per batch instead")
+    n, d = z.shape[-2:]
+    g = gram(z, shift=variant in DISTANCE_VARIANTS, split=split)               # ([K,] N, N)
     if variant == "covariance":
         return _covariance(z, g, split)
     dist_scale = 1.0 / d if normalize_by_dim else 1.0
@@ -184,10 +208,11 @@ def forward(z: torch.Tensor, variant: str, tau: float = 1.0, margin: float = 1.0
         loss, mix = gram_path.gram_epilogue(g, variant, tau, margin, dist_scale)
         mix_hat, rowscale = _normalise_rows(mix)
         return loss, mix_hat, rowscale[None, :]
-    loss = _empty((), torch.float32, z.device)
-    mix_hat = _empty((n, n), torch.float32, z.device)
-    state = _empty((1, n), torch.float32, z.device)
-    K.epilogue_kernel[(1,)](g, loss, mix_hat, state, n, dist_scale, 1.0 / tau, margin,
+    lead = z.shape[:-2]                                                        # (K,) or ()
+    loss = _empty(lead, torch.float32, z.device)
+    mix_hat = _empty((*lead, n, n), torch.float32, z.device)
+    state = _empty((*lead, 1, n), torch.float32, z.device)
+    K.epilogue_kernel[(_groups(z).shape[0],)](g, loss, mix_hat, state, n, dist_scale, 1.0 / tau, margin,
             VARIANT=_EPILOGUE_CODE[variant], BLOCK=block_rows(n, z.dtype),
             num_warps=tiles_for(n, z.dtype).epilogue_warps, **LAUNCH_OPTIONS)
     return loss, mix_hat, state
@@ -198,23 +223,27 @@ def forward(z: torch.Tensor, variant: str, tau: float = 1.0, margin: float = 1.0
 
 def backward(grad_out: torch.Tensor, z: torch.Tensor, mix_hat: torch.Tensor, state: torch.Tensor,
              variant: str, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """dL/dz (N, D) in z's dtype: one more read of z, one write of dz."""
+    """dL/dz (N, D) in z's dtype: one more read of z, one write of dz. For a stack (K, N, D),
+    grad_out is (K,) and dz (K, N, D)."""
     _check(z)
     _check_variant(variant)
-    n, d = z.shape
-    mix_hat, state = mix_hat.contiguous(), state.contiguous()                 # (N, N), (1 or 3, N)
+    n, d = z.shape[-2:]
+    k = _groups(z).shape[0]
+    mix_hat, state = mix_hat.contiguous(), state.contiguous()                 # ([K,] N, N), ([K,] 1 or 3, N)
     t = tiles_for(n, z.dtype)
-    g = grad_out.detach().to(device=z.device, dtype=torch.float32).reshape(())  # stays on the device
-    dz = _empty((n, d), z.dtype, z.device) if out is None else _check_out(out, (n, d), z.dtype, True)  # (N, D)
-    grid = (-(-n // t.block_n) * -(-d // t.block_d),)                        # row tiles fastest
+    g = grad_out.detach().to(device=z.device, dtype=torch.float32).reshape(k)  # stays on the device
+    shape = tuple(z.shape)
+    dz = _empty(shape, z.dtype, z.device) if out is None else _check_out(out, shape, z.dtype, True)  # ([K,] N, D)
+    grid = (-(-n // t.block_n) * -(-d // t.block_d), k)                      # row tiles fastest
     common = dict(UPCAST=_upcast(z), BLOCK_M=t.block_n, BLOCK_N=t.block_j, BLOCK_D=t.block_d,
                   num_warps=t.bwd_warps, num_stages=t.stages, **LAUNCH_OPTIONS)
-    if variant == "covariance":
+    if variant == "covariance":  # single batches only (forward refuses a covariance stack)
         K.cov_backward_kernel[grid](z, dz, mix_hat, state, g, n, d, z.stride(0), dz.stride(0),
                 4.0 / n**2, **common)
     else:
-        K.mix_backward_kernel[grid](z, dz, mix_hat, state, g, n, d, z.stride(0), dz.stride(0),
-                SHIFT=variant in DISTANCE_VARIANTS, **common)
+        zg, dzg = _groups(z), _groups(dz)
+        K.mix_backward_kernel[grid](zg, dzg, mix_hat, state, g, n, d, zg.stride(1), dzg.stride(1),
+                zg.stride(0), dzg.stride(0), SHIFT=variant in DISTANCE_VARIANTS, **common)
     return dz
 
 

@@ -12,6 +12,11 @@ Covariance needs a second pass (``cov_column_stats_kernel``, ``cov_row_stats_ker
 diagonal term ``sum_m C_mm^2`` needs column statistics of the *row-normalised* z, and the
 row norms are only known once the first pass (the Gram diagonal) is complete.
 
+Groups. Every kernel of the InfoNCE / hinge path takes a stack of K independent batches
+(z of shape (K, N, D), one loss per group) on its last grid axis: the term on all 28 blocks
+of a SiT-XL/2 is one launch per kernel instead of 28, which matters because at the paper's
+sizes a call costs far more host time than GPU time (bench/results).
+
 Backward, one more read of z and one write of dz:
     ``mix_backward_kernel``  dz = g * rowscale * (M_hat @ x), x = z (cosine) or z - z_0 (distances)
     ``cov_backward_kernel``  dz = g * (M_hat @ zc * rowscale - t zn - c q (.) zc), zc the
@@ -95,11 +100,12 @@ def _mma_split(acc, a, b, DT: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_B: tl.c
 
 @triton.jit
 def gram_partial_kernel(
-    z_ptr,              # (N, D) rows of z, unit column stride
-    ws_ptr,             # (SPLIT, NP, NP) fp32 partial Grams, NP = nt * BLOCK_N; tiles ti <= tj written
+    z_ptr,              # (K, N, D) rows of z, unit column stride
+    ws_ptr,             # (K, SPLIT, NP, NP) fp32 partial Grams, NP = nt * BLOCK_N; tiles ti <= tj written
     n,                  # rows N
     d,                  # columns D
     stride_z,           # elements between rows of z
+    stride_zg,          # elements between groups of z (grid axis 2)
     nt,                 # row tiles; the grid's axis 0 enumerates nt * nt tile pairs
     blocks_per_split,   # BLOCK_K-wide column blocks per split (grid axis 1)
     BLOCK_N: tl.constexpr,     # rows per tile (>= 16, the smallest tl.dot)
@@ -112,6 +118,8 @@ def gram_partial_kernel(
     LOW: tl.constexpr = DT != tl.float32
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
+    pid_g = tl.program_id(2).to(tl.int64)
+    z_ptr += pid_g * stride_zg
     ti = pid_t // nt
     tj = pid_t % nt
     if ti <= tj:  # the Gram is symmetric: only the upper tile triangle is computed
@@ -141,15 +149,16 @@ def gram_partial_kernel(
                 else:
                     b = tl.where(rmask_j[:, None], b.to(tl.float32) - z0, 0.0)
             acc = _mma_split(acc, a, tl.trans(b), DT, SHIFT and LOW, SHIFT and LOW, UPCAST)
+        # The partial's offset is formed only here: a pointer live across the loop costs registers.
         np_ = nt * BLOCK_N
-        out = ws_ptr + pid_s.to(tl.int64) * np_ * np_ + rows_i[:, None] * np_ + rows_j[None, :]
+        out = ws_ptr + (pid_g * tl.num_programs(1) + pid_s) * np_ * np_ + rows_i[:, None] * np_ + rows_j[None, :]
         tl.store(out, acc)
 
 
 @triton.jit
 def gram_reduce_kernel(
-    ws_ptr,             # (split, np_, np_) fp32 partial Grams (upper tiles of size `tile`)
-    g_ptr,              # (N, N) fp32 Gram, out
+    ws_ptr,             # (K, split, np_, np_) fp32 partial Grams (upper tiles of size `tile`)
+    g_ptr,              # (K, N, N) fp32 Grams, out (group: grid axis 1)
     n,                  # rows N
     np_,                # padded side of a partial Gram
     split,              # number of partials
@@ -160,6 +169,9 @@ def gram_reduce_kernel(
     # Few outputs per program and many partials per step: at N = 32 the whole Gram is
     # 1,024 numbers but there are ~2 partials per SM to sum, and one program walking them
     # a few at a time was latency-bound (~0.8 us a step, 66 steps on an H200).
+    pid_g = tl.program_id(1).to(tl.int64)
+    ws_ptr += pid_g * split * np_ * np_
+    g_ptr += pid_g * n * n
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     mask = e < n * n
     i = e // n
@@ -180,10 +192,10 @@ def gram_reduce_kernel(
 
 @triton.jit(do_not_specialize=["n"])  # n == 1 would become a constexpr int without .to()
 def epilogue_kernel(
-    g_ptr,              # (N, N) fp32 Gram (of z - z_0 for the distance variants)
-    loss_ptr,           # (1,) fp32 loss, out
-    mix_ptr,            # (N, N) fp32 row-normalised mixing matrix M_hat, out
-    rowscale_ptr,       # (N,) fp32 row scales: dL/dz = g * rowscale * (M_hat @ x), out
+    g_ptr,              # (K, N, N) fp32 Grams (of z - z_0 for the distance variants)
+    loss_ptr,           # (K,) fp32 losses, out
+    mix_ptr,            # (K, N, N) fp32 row-normalised mixing matrices M_hat, out
+    rowscale_ptr,       # (K, N) fp32 row scales: dL/dz = g * rowscale * (M_hat @ x), out
     n,                  # rows N
     dist_scale,         # 1/D (normalize_by_dim) or 1
     inv_tau,            # 1/tau
@@ -191,6 +203,11 @@ def epilogue_kernel(
     VARIANT: tl.constexpr,     # L2, COSINE or HINGE
     BLOCK: tl.constexpr,       # next power of two >= N (>= 16)
 ):
+    pid_g = tl.program_id(0).to(tl.int64)  # one program per group
+    g_ptr += pid_g * n * n
+    mix_ptr += pid_g * n * n
+    rowscale_ptr += pid_g * n
+    loss_ptr += pid_g
     i = tl.arange(0, BLOCK)
     rmask = i < n
     valid = rmask[:, None] & rmask[None, :]
@@ -324,14 +341,16 @@ def _output_block(n, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def mix_backward_kernel(
-    z_ptr,              # (N, D) rows of z
-    dz_ptr,             # (N, D) gradient, out
-    mix_ptr,            # (N, N) fp32 M_hat
-    rowscale_ptr,       # (N,) fp32 row scales
-    gout_ptr,           # () upstream gradient g (read on the device: no host sync)
+    z_ptr,              # (K, N, D) rows of z
+    dz_ptr,             # (K, N, D) gradient, out
+    mix_ptr,            # (K, N, N) fp32 M_hat
+    rowscale_ptr,       # (K, N) fp32 row scales
+    gout_ptr,           # (K,) upstream gradients g (read on the device: no host sync)
     n, d,               # rows, columns
     stride_z,           # elements between rows of z
     stride_dz,          # elements between rows of dz
+    stride_zg,          # elements between groups of z (grid axis 1)
+    stride_dzg,         # elements between groups of dz
     SHIFT: tl.constexpr,       # x = z - z_0 (distance variants; M_hat's rows sum to 0)
     UPCAST: tl.constexpr,      # interpreter + bf16 only
     BLOCK_M: tl.constexpr,     # output rows per program
@@ -340,6 +359,12 @@ def mix_backward_kernel(
 ):
     DT: tl.constexpr = z_ptr.dtype.element_ty
     LOW: tl.constexpr = DT != tl.float32
+    pid_g = tl.program_id(1).to(tl.int64)
+    z_ptr += pid_g * stride_zg
+    dz_ptr += pid_g * stride_dzg
+    mix_ptr += pid_g * n * n
+    rowscale_ptr += pid_g * n
+    gout_ptr += pid_g
     rows, cols = _output_block(n, BLOCK_M, BLOCK_D)
     rmask = rows < n
     cmask = cols < d

@@ -167,8 +167,9 @@ def test_unknown_names_are_rejected() -> None:
         providers.timed_pass(lambda z: z.sum(), torch.zeros(2, 2), "sideways")
 
 
-def test_release_term_swaps_only_the_implementation() -> None:
-    """Same model, batch and seed: the release's term and the project's give the same loss."""
+def test_release_term_swaps_only_the_implementation(monkeypatch) -> None:
+    """Same model, batch and seed: the release's term and the project's give the same loss,
+    and inside the swap it is the release's code that computes it (once per block)."""
     import kernels
     import models
     from engine.objective import DispersiveConfig, build_objective
@@ -178,10 +179,14 @@ def test_release_term_swaps_only_the_implementation() -> None:
     x, y = torch.randn(4, 4, 8, 8), torch.randint(0, 10, (4,))
     project = objective(model, x, y, generator=torch.Generator().manual_seed(0))
     original = kernels.dispersive_loss
+    calls = []
+    real = providers.release_dispersive_loss
+    monkeypatch.setattr(providers, "release_dispersive_loss", lambda z, tau: calls.append(z.shape) or real(z, tau))
     with providers.release_term():
         assert kernels.dispersive_loss is not original
         release = objective(model, x, y, generator=torch.Generator().manual_seed(0))
     assert kernels.dispersive_loss is original
+    assert len(calls) == 2  # one release call per block
     torch.testing.assert_close(release["loss"], project["loss"], rtol=1e-5, atol=1e-6)
     assert project["dispersive_total"] != 0
 

@@ -234,3 +234,25 @@ def test_bf16_fast_path_extra_memory_is_bounded():
     assert 2 * z_bytes > 3 * SLAB_BYTES  # a full fp32 copy would break the bound below
     peak = peak_extra_bytes(lambda: torch.autograd.grad(dispersive_loss(z, backend="torch"), z))
     assert peak - z_bytes <= 3 * SLAB_BYTES, f"extra {(peak - z_bytes) / z_bytes:.1%} of z"
+
+
+def test_groups_equal_one_call_per_batch(rng):
+    """dispersive_loss_groups is the stack of per-batch losses (here the CPU loop), gradients too;
+    batches of different shapes are fine."""
+    from kernels import dispersive_loss_groups
+
+    zs = [torch.randn(6, 4, 5, generator=rng, dtype=torch.float64).requires_grad_() for _ in range(2)]
+    zs.append(torch.randn(3, 7, generator=rng, dtype=torch.float64).requires_grad_())
+    out = dispersive_loss_groups(zs, tau=0.5)
+    assert out.shape == (3,)
+    (out * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)).sum().backward()
+    for k, z in enumerate(zs):
+        z2 = z.detach().clone().requires_grad_()
+        ref = dispersive_loss(z2, tau=0.5)
+        ((k + 1) * ref).backward()
+        assert out[k].item() == pytest.approx(ref.item(), rel=1e-12)
+        torch.testing.assert_close(z.grad, z2.grad)
+    with pytest.raises(ValueError, match="at least one batch"):
+        dispersive_loss_groups([])
+    with pytest.raises(ValueError, match="tau"):
+        dispersive_loss_groups(zs, tau=-1.0)

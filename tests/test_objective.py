@@ -242,11 +242,11 @@ def test_wrapped_models_are_unwrapped():
 def test_scope_is_passed_only_when_global(monkeypatch):
     calls = []
 
-    def fake(z, **kwargs):
+    def fake(zs, **kwargs):
         calls.append(kwargs)
-        return z.float().pow(2).mean()
+        return torch.stack([z.float().pow(2).mean() for z in zs])
 
-    monkeypatch.setattr(kernels, "dispersive_loss", fake)
+    monkeypatch.setattr(kernels, "dispersive_loss_groups", fake)
     model = tiny()
     x, y = torch.randn(2, 2, 8, 8), torch.tensor([0, 1])
     SiTObjective(dispersive=DispersiveConfig.preset("release"))(model, x, y)

@@ -350,3 +350,46 @@ def test_first_call_inside_torch_compile():
                           text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
+
+
+@pytest.mark.parametrize("variant", ["infonce_l2", "infonce_cosine", "hinge"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d", [(1, 33), (17, 300), (64, 15)])
+def test_groups_match_each_batch_against_float64(variant, dtype, n, d, rng):
+    """A stack of K batches in one call: each loss and each batch's gradient as if alone."""
+    zs = [_random((n, d), dtype, rng, SCALE[variant]).requires_grad_() for _ in range(3)]
+    grads_out = [_grad_out(rng) for _ in zs]
+    out = kernels.dispersive_loss_groups(zs, variant=variant, backend="triton", tau=0.7)
+    assert out.shape == (3,) and out.dtype == torch.float32
+    sum(g * v for g, v in zip(grads_out, out)).backward()
+    for z, g, value in zip(zs, grads_out, out):
+        ref, ref_grad = _reference(z, variant, g, tau=0.7)
+        assert abs(value.item() - ref) <= LOSS_ATOL[dtype] + LOSS_RTOL[dtype] * abs(ref), (value.item(), ref)
+        _assert_grad_close(z.grad, ref_grad, dtype, g, z.detach(), tau=0.7)
+
+
+def test_groups_take_one_launch_per_kernel(rng, monkeypatch):
+    """The stack goes through the fused forward once, not once per batch."""
+    calls = []
+    real = td.forward
+    monkeypatch.setattr(td, "forward", lambda z, *a, **k: calls.append(tuple(z.shape)) or real(z, *a, **k))
+    zs = [_random((8, 6, 5), torch.float32, rng) for _ in range(4)]  # (N, tokens, hidden) each
+    out = kernels.dispersive_loss_groups(zs, backend="triton")
+    assert calls == [(4, 8, 30)]
+    expected = torch.stack([reference_dispersive_loss(z.cpu(), upcast=True) for z in zs]).float()
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant,n", [("covariance", 5), ("infonce_l2", 65)])
+def test_groups_the_stack_cannot_take_fall_back_to_one_call_each(variant, n, rng, monkeypatch):
+    shapes = []
+    real = td.forward
+    monkeypatch.setattr(td, "forward", lambda z, *a, **k: shapes.append(tuple(z.shape)) or real(z, *a, **k))
+    zs = [_random((n, 7), torch.float32, rng, SCALE[variant]) for _ in range(2)]
+    out = kernels.dispersive_loss_groups(zs, variant=variant, backend="triton")
+    assert shapes == [(n, 7), (n, 7)]
+    for z, v in zip(zs, out):
+        assert v.item() == pytest.approx(reference_dispersive_loss(z.cpu(), variant, upcast=True).item(),
+                                         rel=1e-5, abs=1e-6)
+    with pytest.raises(ValueError, match="call per batch"):
+        td.forward(torch.stack(zs), variant)
