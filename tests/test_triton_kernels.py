@@ -393,3 +393,23 @@ def test_groups_the_stack_cannot_take_fall_back_to_one_call_each(variant, n, rng
                                          rel=1e-5, abs=1e-6)
     with pytest.raises(ValueError, match="call per batch"):
         td.forward(torch.stack(zs), variant)
+
+
+def test_groups_inside_torch_compile_fullgraph(rng):
+    """The grouped call (stack + one custom op) stays in one graph and matches eager."""
+    torch._dynamo.reset()
+    zs = [_random((5, 12), torch.float32, rng) for _ in range(3)]
+
+    def fn(*zs):
+        weights = torch.tensor([1.0, 2.0, 3.0], device=zs[0].device)
+        return (kernels.dispersive_loss_groups(list(zs), backend="triton") * weights).sum()
+
+    eager_in = [z.clone().requires_grad_() for z in zs]
+    compiled_in = [z.clone().requires_grad_() for z in zs]
+    eager = fn(*eager_in)
+    eager.backward()
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(*compiled_in)
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(compiled_in, eager_in):
+        torch.testing.assert_close(a.grad, b.grad)
