@@ -81,16 +81,19 @@ class DispSetting:
         if isinstance(blocks, (list, tuple)):
             blocks = ",".join(str(b) for b in blocks)
             object.__setattr__(self, "blocks", blocks)
-        if blocks not in ("last", "all", "paper"):
-            try:
-                parsed = tuple(int(b) for b in str(blocks).split(","))
-            except ValueError:
-                raise ValueError(f"blocks must be last, all, paper or comma-separated ints, got {blocks!r}") from None
-        else:
-            parsed = blocks
-        DispersiveConfig(lambda_=self.lambda_, tau=self.tau, blocks=parsed, variant=self.variant)  # validates
+        DispersiveConfig(lambda_=self.lambda_, tau=self.tau, blocks=self.block_choice(),
+                         variant=self.variant)  # validates
         if self.lambda_ <= 0:
             raise ValueError("a Dispersive Loss run needs lambda > 0 (the baseline is the run without it)")
+
+    def block_choice(self) -> Any:
+        """``blocks`` as DispersiveConfig / resolve_blocks take it: a keyword or a tuple of ints."""
+        if self.blocks in ("last", "all", "paper"):
+            return self.blocks
+        try:
+            return tuple(int(b) for b in str(self.blocks).split(","))
+        except ValueError:
+            raise ValueError(f"blocks must be last, all, paper or comma-separated ints, got {self.blocks!r}") from None
 
     def tag(self) -> str:
         return f"disp_l{self.lambda_:g}_t{self.tau:g}_{self.blocks.replace(',', '-')}_{self.variant}"
@@ -412,7 +415,7 @@ def _evaluate_run(run: TrainedRun, disp: DispSetting | None, cfg: ToyConfig, rea
     reports = {w: probe_model(models.load_model(ckpt, prefer=w), real.x[:n_probe], real.y[:n_probe], pcfg,
                               transport=transport, weights=w) for w in ("ema", "model")}
     depth = cfg.depth
-    disp_block = resolve_blocks(_blocks_value(disp.blocks), depth)[0] if disp else depth - 1
+    disp_block = resolve_blocks(disp.block_choice(), depth)[0] if disp else depth - 1
     raw_row = reports["model"].blocks[disp_block]
     ema, raw = reports["ema"], reports["model"]
     metrics = RunMetrics(
@@ -424,10 +427,6 @@ def _evaluate_run(run: TrainedRun, disp: DispSetting | None, cfg: ToyConfig, rea
         diffusion_loss=float(run.final.get("diffusion_loss", math.nan)), train_seconds=run.seconds,
         per_block={"ema": [b.top1 for b in ema.blocks], "raw": [b.top1 for b in raw.blocks]})
     return metrics, samples
-
-
-def _blocks_value(text: str) -> Any:
-    return text if text in ("last", "all", "paper") else [int(b) for b in text.split(",")]
 
 
 # ---------------------------------------------------------------------------------------

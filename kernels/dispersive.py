@@ -171,17 +171,18 @@ def dispersive_loss_groups(zs: Sequence[torch.Tensor], *, variant: Variant = "in
     zs = list(zs)
     if not zs:
         raise ValueError("zs must hold at least one batch")
-    for z in zs:
-        tau, margin = validate(z, variant, tau, margin, backend, scope)
     first = zs[0]
+    tau, margin = validate(first, variant, tau, margin, backend, scope)
     if (scope == "local" and len(zs) > 1 and resolve_backend(first, backend) == "triton"
             and all(z.shape == first.shape and z.dtype == first.dtype and z.device == first.device for z in zs)):
+        # Same shape, dtype and device as the validated first batch: nothing left to check.
         from . import triton_dispersive
 
         flat = [z.reshape(z.shape[0], -1) for z in zs]
         if triton_dispersive.supports_groups(flat[0], variant):
             z3 = torch.stack(flat)                                                 # (K, N, D)
             return dispersive_op(z3, variant, tau, margin, bool(normalize_by_dim), "triton")
+    # One call per batch; each call validates its own batch.
     return torch.stack([dispersive_loss(z, variant=variant, tau=tau, margin=margin, normalize_by_dim=normalize_by_dim,
                                         backend=backend, scope=scope, group=group) for z in zs])
 

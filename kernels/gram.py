@@ -41,13 +41,13 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _slab_width(n: int, d: int, cap: int | None = None) -> int:
-    width = max(256, SLAB_BYTES // (4 * n))
-    return width if cap is None else min(width, cap)
+def _slab_width(n: int) -> int:
+    """Columns per slab of an N-row matrix."""
+    return max(256, SLAB_BYTES // (4 * n))
 
 
 def _slabs(n: int, d: int) -> Iterator[slice]:
-    width = _slab_width(n, d)
+    width = _slab_width(n)
     for start in range(0, d, width):
         yield slice(start, min(start + width, d))
 
@@ -69,7 +69,7 @@ def _gram(z: torch.Tensor, centred: bool) -> torch.Tensor:
         for cols in _slabs(*z.shape):
             gram.addmm_(z[:, cols], z[:, cols].T)
         return gram
-    buf = torch.empty(z.shape[0], _slab_width(*z.shape, z.shape[1]), dtype=acc, device=z.device)
+    buf = torch.empty(z.shape[0], min(_slab_width(z.shape[0]), z.shape[1]), dtype=acc, device=z.device)
     z0 = z[0].to(acc) if centred else None
     for cols in _slabs(*z.shape):
         zs = buf[:, : cols.stop - cols.start]
