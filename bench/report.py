@@ -118,7 +118,9 @@ def _dispersive(rows: list[dict], out_of_memory: list[dict]) -> list[str]:
             f"GB/s, TFLOP/s and roofline figures use the {basis} and the byte/FLOP counts of "
             f"{', '.join(source)}; the same counts for every provider (effective bandwidth). "
             "'x floor': time over the design floor (z read once per pass, dz written once, at the "
-            "measured copy bandwidth). 'workspace': peak allocation of the call minus its output dz. "
+            "measured copy bandwidth). 'workspace': peak allocation of the call minus its output dz "
+            "(torch_gram with its pooled buffers freed first, so a CPU forward shows the gradient-sized "
+            "buffer it borrows as scratch and keeps for backward). "
             "'compile s': first forward+backward at that shape under torch.compile.", ""] + \
         table(header, out) + [""]
 

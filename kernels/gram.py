@@ -13,10 +13,12 @@ and its gradient only one slab (``SLAB_BYTES``) is alive at a time.
 Why slabs: bf16/fp16 inputs must be accumulated in fp32, and shifting the rows (which
 the distance variants do to avoid cancellation in ``s_i + s_j - 2 G_ij``) needs a
 shifted copy; doing both a slab at a time keeps the extra memory to a few MB
-instead of a full fp32 copy of z.
+instead of a full fp32 copy of z. On the CPU the slab borrows the memory z's gradient
+will take in backward (``kernels.host_memory``): for fp32 that holds all of D, so there
+is one slab and one product, at no extra peak.
 
-``gram_forward`` / ``gram_backward`` are what the ``dispersive::forward`` / ``backward``
-custom ops (``kernels.ops``) run for this backend. The N x N epilogue functions
+``gram_forward`` / ``gram_backward`` are what ``kernels.ops`` runs for this backend
+(eagerly, or as the ``dispersive::forward`` / ``backward`` custom ops under torch.compile). The N x N epilogue functions
 (``gram_epilogue``, ``covariance_setup``, ``covariance_finish``) are shared with the
 Triton path, which applies them to its own Gram matrix for N > 64 and for covariance.
 """
@@ -27,6 +29,7 @@ from typing import Iterator
 
 import torch
 
+from . import host_memory
 from .reference import COSINE_EPS
 
 # fp32 bytes per column slab. Large: every GEMM call is a barrier for the BLAS thread pool,
@@ -35,6 +38,7 @@ from .reference import COSINE_EPS
 # The forward's slab is freed before backward allocates dz, so it does not raise the peak.
 SLAB_BYTES = 16 << 20
 _DISTANCE_VARIANTS = ("infonce_l2", "hinge")
+SPLIT_K_BELOW_ROWS, SPLIT_K_CHUNK = 16, 2048     # see _accumulate_gram
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -46,8 +50,10 @@ def _slab_width(n: int) -> int:
     return max(256, SLAB_BYTES // (4 * n))
 
 
-def _slabs(n: int, d: int) -> Iterator[slice]:
-    width = _slab_width(n)
+def _slabs(z: torch.Tensor, width: int | None = None) -> Iterator[slice]:
+    """Column slices of ``z`` (N, D), ``width`` (default ``_slab_width(N)``) columns each."""
+    n, d = z.shape
+    width = width or _slab_width(n)
     for start in range(0, d, width):
         yield slice(start, min(start + width, d))
 
@@ -66,27 +72,65 @@ def _gram(z: torch.Tensor, centred: bool) -> torch.Tensor:
     acc = accumulation_dtype(z.dtype)
     gram = torch.zeros(z.shape[0], z.shape[0], dtype=acc, device=z.device)
     if not centred and z.dtype == acc:  # nothing to shift or widen: the slabs are views
-        for cols in _slabs(*z.shape):
-            gram.addmm_(z[:, cols], z[:, cols].T)
+        for cols in _slabs(z):
+            _accumulate_gram(gram, z[:, cols])
         return gram
-    buf = torch.empty(z.shape[0], min(_slab_width(z.shape[0]), z.shape[1]), dtype=acc, device=z.device)
+    buf = _scratch(z, acc)
     z0 = z[0].to(acc) if centred else None
-    for cols in _slabs(*z.shape):
+    for cols in _slabs(z, buf.shape[1]):
         zs = buf[:, : cols.stop - cols.start]
         if centred:
             torch.sub(z[:, cols], z0[cols], out=zs)
         else:
             zs.copy_(z[:, cols])
-        gram.addmm_(zs, zs.T)
+        _accumulate_gram(gram, zs)
     return gram
 
 
+def _accumulate_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
+    """``gram += x x^T`` for a slab x (N, W) whose rows are contiguous.
+
+    Fewer than 16 rows: split-K, a batch of products over ``SPLIT_K_CHUNK`` columns summed
+    afterwards. MKL's sgemm runs such thin products far below its speed at 16 rows (2-core CI
+    VM, W = 98,304: N = 8 415 us, N = 12 963 us, N = 16 421 us); split-K took 101 and 191 us
+    for N = 8 and 12, and was slower from N = 16 on (561 us).
+    """
+    n, w = x.shape
+    main = w - w % SPLIT_K_CHUNK if n < SPLIT_K_BELOW_ROWS else 0
+    if main:
+        chunks = x[:, :main].unflatten(1, (-1, SPLIT_K_CHUNK)).transpose(0, 1)   # (C, N, chunk)
+        gram += torch.bmm(chunks, chunks.transpose(1, 2)).sum(dim=0)
+    if main < w:
+        gram.addmm_(x[:, main:], x[:, main:].T)
+
+
+def _scratch(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The forward's slab buffer, (N, width) of ``dtype``.
+
+    On the CPU, the pooled buffer that z's gradient takes in backward (``host_memory``),
+    borrowed whole: memory backward needs anyway, already paged in, so the slab costs no
+    page faults and no extra peak. When z is already in ``dtype`` the slab is all of D (one
+    product instead of a few: fewer BLAS barriers); a 16-bit z keeps ``SLAB_BYTES`` slabs,
+    because its widening subtraction makes a temporary the size of the slab. Elsewhere, or
+    when the pool has no buffer to lend, a fresh ``SLAB_BYTES`` one.
+    """
+    n, d = z.shape
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    width = d if z.dtype == dtype else min(d, _slab_width(n))
+    grad_bytes = z.numel() * z.element_size()
+    flat = (host_memory.pooled(grad_bytes)
+            if z.device.type == "cpu" and n * width * itemsize <= grad_bytes else None)
+    if flat is None:
+        return torch.empty(n, min(d, _slab_width(n)), dtype=dtype, device=z.device)
+    return flat[: n * width * itemsize].view(dtype).view(n, width)
+
+
 def _apply_left(mix: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``mix @ z`` with fp32 accumulation, returned in z's dtype."""
+    """``mix @ z`` with fp32 accumulation, returned in z's dtype (on the CPU in pooled memory)."""
+    out = host_memory.empty(z.shape, z.dtype, z.device)
     if z.dtype == mix.dtype:
-        return mix @ z
-    out = torch.empty_like(z)
-    for cols in _slabs(*z.shape):
+        return torch.mm(mix, z, out=out)
+    for cols in _slabs(z):
         out[:, cols] = (mix @ z[:, cols].to(mix.dtype)).to(z.dtype)
     return out
 
@@ -179,7 +223,7 @@ def _covariance_forward(z: torch.Tensor, gram: torch.Tensor):
     inv, gram_n, k = covariance_setup(gram)
     diag_sq = torch.zeros((), dtype=gram.dtype, device=gram.device)
     r_diag = torch.zeros_like(inv)
-    for cols in _slabs(*z.shape):
+    for cols in _slabs(z):
         zn = z[:, cols].to(gram.dtype) * inv[:, None]
         zc = zn - zn.mean(dim=0, keepdim=True)
         q = zc.square().sum(dim=0)
@@ -198,8 +242,8 @@ def _covariance_backward(z: torch.Tensor, left, inv, grad_out) -> torch.Tensor:
     """
     c = 4.0 / z.shape[0] ** 2
     left = left * grad_out
-    out = torch.empty_like(z)
-    for cols in _slabs(*z.shape):
+    out = host_memory.empty(z.shape, z.dtype, z.device)
+    for cols in _slabs(z):
         zs = z[:, cols].to(left.dtype)
         zc = zs * inv[:, None]
         zc = zc - zc.mean(dim=0, keepdim=True)
@@ -230,24 +274,3 @@ def gram_backward(grad_out: torch.Tensor, z: torch.Tensor, mix: torch.Tensor, st
     if variant == "covariance":
         return _covariance_backward(z, mix, state[0], grad_out)
     return _apply_left(mix * grad_out, z)
-
-
-class GramDispersive(torch.autograd.Function):
-    """Autograd function over flattened ``z`` (N, D); returns the loss in fp32/fp64."""
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, variant: str, tau: float, margin: float, normalize_by_dim: bool):
-        loss, mix, state = gram_forward(z, variant, tau, margin, normalize_by_dim)
-        ctx.variant = variant
-        ctx.save_for_backward(z, mix, state)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        z, mix, state = ctx.saved_tensors
-        return gram_backward(grad_out, z, mix, state, ctx.variant), None, None, None, None
-
-
-def gram_dispersive_loss(z2: torch.Tensor, variant: str, tau: float, margin: float,
-                         normalize_by_dim: bool) -> torch.Tensor:
-    return GramDispersive.apply(z2, variant, tau, margin, normalize_by_dim)

@@ -65,5 +65,23 @@ def test_opcheck_torch_backend(variant, rng):
 
 
 def test_custom_op_gradcheck(rng):
+    """The op's registered autograd (what compiled graphs use) and the eager path, both exact."""
     z = torch.randn(5, 6, generator=rng, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: forward_op(z, "hinge", 1.0, 3.0, True, "torch")[0], (z,))
     assert torch.autograd.gradcheck(lambda z: kernels.dispersive_loss(z, variant="hinge", margin=3.0), (z,))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_eager_calls_skip_the_op_dispatch_with_identical_results(variant, rng):
+    """Eager mode runs the same implementation as the op without its dispatch overhead."""
+    from torch.profiler import profile
+
+    z = torch.randn(6, 2 * 2048 + 5, generator=rng, requires_grad=True)
+    with profile() as prof:
+        loss = kernels.dispersive_loss(z, variant=variant, tau=0.5)
+        grad, = torch.autograd.grad(loss, z)
+    names = {e.key for e in prof.key_averages()}
+    assert not any(n.startswith("dispersive::") for n in names), sorted(names)
+    loss_op, mix, state = forward_op(z.detach(), variant, 0.5, 1.0, True, "torch")
+    grad_op = backward_op(torch.ones(()), z.detach(), mix, state, variant, "torch")
+    assert torch.equal(loss, loss_op) and torch.equal(grad, grad_op)
