@@ -69,10 +69,11 @@ def step_setup(run: BenchSettings) -> StepSetup:
     if run.device.type == "cuda":
         return StepSetup("sit_xl", 32, "bf16-autocast", steps_per_round=5, rounds=11 if run.full else 5)
     batch = int(os.environ.get("BENCH_TRAIN_BATCH", 8))
-    # Odd round counts: the median is one round's value, not the mean of two. 11 rounds (~80 s):
-    # with 5, the all-blocks overhead of the same code read +4.6% and +7.7% in two runs on the
-    # 2-core VM (step IQR ~7% of the step); 20-round runs agreed within ~1%.
-    return StepSetup("sit_s", batch, "fp32", steps_per_round=1, rounds=21 if run.full else 11)
+    # Odd round counts: the median is one round's value, not the mean of two. 21 rounds (~3 min
+    # on the 2-core VM): one step varies by ~7% there, and with 5 rounds the all-blocks overhead
+    # of the same code read +4.6% and +7.7% in two runs, with 11 +3.4% and +5.1%; separate
+    # 30- and 40-round runs gave +2.4% and +4.1%.
+    return StepSetup("sit_s", batch, "fp32", steps_per_round=1, rounds=31 if run.full else 21)
 
 
 def _objective(setting: Setting):

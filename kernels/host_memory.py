@@ -54,6 +54,9 @@ def _drop_idle() -> None:
 def _take(nbytes: int) -> torch.Tensor | None:
     """An idle buffer of ``nbytes``, a new pooled one, or None (slots in use, pool full)."""
     bufs = _buffers.get(nbytes, [])
+    # A storage someone resized (``storage().resize_``, as sharded training does to free memory)
+    # is not this buffer any more: forget it.
+    bufs[:] = [b for b in bufs if b.untyped_storage().nbytes() == nbytes]
     for buf in bufs:
         if _idle(buf):
             return buf

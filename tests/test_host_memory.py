@@ -87,3 +87,12 @@ def test_a_gradient_the_caller_keeps_is_never_overwritten(rng):
         assert g2.data_ptr() != g1.data_ptr()
     torch.testing.assert_close(g1, kept, rtol=0, atol=0)
     assert host_memory.pooled_bytes() > 0   # the gradients did come from the pool
+
+
+def test_a_resized_storage_leaves_the_pool():
+    a = host_memory.empty(BIG, torch.float32, "cpu")
+    a.untyped_storage().resize_(0)      # what sharded training does to free a tensor's memory
+    del a
+    b = host_memory.empty(BIG, torch.float32, "cpu")
+    b.fill_(2.0)
+    assert b.untyped_storage().nbytes() == b.nbytes and host_memory.pooled_bytes() == b.nbytes
