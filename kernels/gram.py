@@ -34,7 +34,8 @@ from .reference import COSINE_EPS
 # fp32 bytes per column slab. Large: every GEMM call is a barrier for the BLAS thread pool,
 # and on a busy host many small ones were 3-6x slower than a few large ones (measured on 2
 # cores: 2 MiB slabs 646 ms, 16 MiB 192 ms for N = 32, D = 294,912 forward+backward).
-# The forward's slab is freed before backward allocates dz, so it does not raise the peak.
+# The forward's slab is released before backward allocates dz (on the CPU it is the front of
+# dz's pooled buffer, lent to the forward), so it does not raise the peak.
 SLAB_BYTES = 16 << 20
 _DISTANCE_VARIANTS = ("infonce_l2", "hinge")
 SPLIT_K_BELOW_ROWS, SPLIT_K_CHUNK = 16, 2048     # see _accumulate_gram
@@ -57,7 +58,7 @@ def _slabs(z: torch.Tensor) -> Iterator[slice]:
         yield slice(start, min(start + width, d))
 
 
-def _gram(z: torch.Tensor, centred: bool) -> torch.Tensor:
+def _gram(z: torch.Tensor, centred: bool, backward_follows: bool) -> torch.Tensor:
     """Z Z^T accumulated slab by slab in fp32/fp64.
 
     ``centred`` shifts every row by the first one before the product: distances
@@ -74,7 +75,7 @@ def _gram(z: torch.Tensor, centred: bool) -> torch.Tensor:
         for cols in _slabs(z):
             _accumulate_gram(gram, z[:, cols])
         return gram
-    buf = _scratch(z, acc)
+    buf = _scratch(z, acc, backward_follows)
     z0 = z[0].to(acc) if centred else None
     for cols in _slabs(z):
         zs = buf[:, : cols.stop - cols.start]
@@ -103,12 +104,14 @@ def _accumulate_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
         gram.addmm_(x[:, main:], x[:, main:].T)
 
 
-def _scratch(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _scratch(z: torch.Tensor, dtype: torch.dtype, backward_follows: bool) -> torch.Tensor:
     """The forward's slab buffer, (N, min(D, slab width)) of ``dtype``.
 
-    On the CPU, the front of the pooled buffer z's gradient takes in backward
-    (``host_memory``) when it fits: memory backward needs anyway, already paged in, so the
-    slab costs no page faults and no extra peak. Else a fresh one. (Slabs as wide as the
+    On the CPU, when a backward will follow (the eager path says so; the custom op, under
+    torch.compile, does not), the front of the pooled buffer z's gradient takes in backward
+    (``host_memory``): memory backward needs anyway, already paged in, so the slab costs no
+    page faults and no extra peak. Else a fresh one: a gradient-sized buffer would otherwise
+    be held for a backward that never comes. (Slabs as wide as the
     whole borrowed buffer were tried: one product instead of three at N = 32, D = 294,912
     fp32, but 16.0-16.5 ms against 13.8-14.1 ms forward+backward in interleaved runs.)
     """
@@ -116,7 +119,8 @@ def _scratch(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     shape = (n, min(d, _slab_width(n)))
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     grad_bytes = z.numel() * z.element_size()
-    flat = host_memory.pooled(grad_bytes) if z.device.type == "cpu" and nbytes <= grad_bytes else None
+    borrow = backward_follows and z.device.type == "cpu" and nbytes <= grad_bytes
+    flat = host_memory.pooled(grad_bytes) if borrow else None
     if flat is None:
         return torch.empty(shape, dtype=dtype, device=z.device)
     return flat[:nbytes].view(dtype).view(shape)
@@ -249,17 +253,19 @@ def _covariance_backward(z: torch.Tensor, left, inv, grad_out) -> torch.Tensor:
     return out
 
 
-def gram_forward(z: torch.Tensor, variant: str, tau: float, margin: float, normalize_by_dim: bool):
+def gram_forward(z: torch.Tensor, variant: str, tau: float, margin: float, normalize_by_dim: bool,
+                 backward_follows: bool = False):
     """(loss, mix, state) of the flattened ``z`` (N, D); what backward needs is (z, mix, state).
 
     mix is N x N (covariance: the matrix A); state is (1, N): the inverse norms for
     covariance, zeros otherwise. Accumulation dtype fp32 (fp64 for fp64 input).
+    ``backward_follows``: lend the forward the pooled buffer of the coming gradient (``_scratch``).
     """
     scale = 1.0 / z.shape[1] if normalize_by_dim else 1.0
     if variant == "covariance":
-        loss, mix, inv = _covariance_forward(z, _gram(z, centred=False))
+        loss, mix, inv = _covariance_forward(z, _gram(z, False, backward_follows))
         return loss, mix, inv[None, :]
-    gram = _gram(z, centred=variant in _DISTANCE_VARIANTS)
+    gram = _gram(z, variant in _DISTANCE_VARIANTS, backward_follows)
     loss, mix = gram_epilogue(gram, variant, tau, margin, scale)
     return loss, mix, gram.new_zeros((1, z.shape[0]))
 

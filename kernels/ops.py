@@ -12,7 +12,7 @@ backend's backward needs; their meaning belongs to the backend, only their shape
 fixed here (the fake implementations give them without running anything, so dynamo and
 inductor trace through the op without a graph break and without a host sync).
 
-``dispersive_op`` is the entry point: the custom op while torch.compile traces, and in
+``dispersive_op`` is the entry point: the custom op while anything traces, and in
 eager mode ``_Eager``, a plain ``autograd.Function`` over the same two implementations
 (the op's dispatch is pure host overhead there).
 """
@@ -33,12 +33,12 @@ def _acc_dtype(z: Tensor, backend: str) -> torch.dtype:
 
 
 def _forward_impl(z: Tensor, variant: str, tau: float, margin: float, normalize_by_dim: bool,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                  backend: str, backward_follows: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     if backend == "triton":
         from . import triton_dispersive
 
         return triton_dispersive.forward(z, variant, tau, margin, normalize_by_dim)
-    return gram_path.gram_forward(z, variant, tau, margin, normalize_by_dim)
+    return gram_path.gram_forward(z, variant, tau, margin, normalize_by_dim, backward_follows)
 
 
 def _backward_impl(grad: Tensor, z: Tensor, mix: Tensor, state: Tensor, variant: str, backend: str) -> Tensor:
@@ -49,7 +49,10 @@ def _backward_impl(grad: Tensor, z: Tensor, mix: Tensor, state: Tensor, variant:
     return gram_path.gram_backward(grad, z, mix, state, variant)
 
 
-forward_op = torch.library.custom_op("dispersive::forward", mutates_args=())(_forward_impl)
+@torch.library.custom_op("dispersive::forward", mutates_args=())
+def forward_op(z: Tensor, variant: str, tau: float, margin: float, normalize_by_dim: bool,
+               backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _forward_impl(z, variant, tau, margin, normalize_by_dim, backend)
 
 
 @forward_op.register_fake
@@ -86,22 +89,23 @@ class _Eager(torch.autograd.Function):
     """The same forward and backward as the custom ops, for eager calls.
 
     The custom op's dispatch (schema parsing, the generated autograd wrapper, redispatch
-    below autograd) costs about 120 us per forward+backward on the 2-core CI VM, where
+    below autograd) costs about 150 us per forward+backward on the 2-core CI VM, where
     the N = 8, D = 98,304 term itself is ~1 ms; only torch.compile needs the op (it keeps
     the loss opaque in the graph), so eager calls skip it.
     """
 
     @staticmethod
-    def forward(ctx, z, variant, tau, margin, normalize_by_dim, backend):
-        loss, mix, state = _forward_impl(z, variant, tau, margin, normalize_by_dim, backend)
+    def forward(ctx, z, variant, tau, margin, normalize_by_dim, backend, backward_follows):
+        loss, mix, state = _forward_impl(z, variant, tau, margin, normalize_by_dim, backend, backward_follows)
         ctx.save_for_backward(z, mix, state)
         ctx.variant, ctx.backend = variant, backend
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # as the op: no double backward (mix is a constant here)
     def backward(ctx, grad_loss):
         z, mix, state = ctx.saved_tensors
-        return _backward_impl(grad_loss, z, mix, state, ctx.variant, ctx.backend), None, None, None, None, None
+        return _backward_impl(grad_loss, z, mix, state, ctx.variant, ctx.backend), None, None, None, None, None, None
 
 
 def dispersive_op(z2: Tensor, variant: str, tau: float, margin: float, normalize_by_dim: bool,
@@ -110,6 +114,9 @@ def dispersive_op(z2: Tensor, variant: str, tau: float, margin: float, normalize
     of a stack (K, N, D) on the "triton" backend. The custom op under torch.compile, else
     ``_Eager``: one implementation either way."""
     args = (variant, float(tau), float(margin), bool(normalize_by_dim), backend)
-    if torch.compiler.is_compiling():
+    # Any tracing (dynamo, make_fx, fake or functional tensors: a dispatch mode or a tensor
+    # subclass) records the op; a plain eager call runs the implementation directly.
+    if (torch.compiler.is_compiling() or type(z2) is not torch.Tensor
+            or torch._C._len_torch_dispatch_stack() > 0):
         return forward_op(z2, *args)[0]
-    return _Eager.apply(z2, *args)
+    return _Eager.apply(z2, *args, torch.is_grad_enabled() and z2.requires_grad)

@@ -76,7 +76,7 @@ def test_eager_calls_skip_the_op_dispatch_with_identical_results(variant, rng):
     """Eager mode runs the same implementation as the op without its dispatch overhead."""
     from torch.profiler import profile
 
-    z = torch.randn(6, 2 * 2048 + 5, generator=rng, requires_grad=True)
+    z = torch.randn(32, 8192 + 5, generator=rng, requires_grad=True)   # > 1 MiB: pooled memory
     with profile() as prof:
         loss = kernels.dispersive_loss(z, variant=variant, tau=0.5)
         grad, = torch.autograd.grad(loss, z)
@@ -85,3 +85,28 @@ def test_eager_calls_skip_the_op_dispatch_with_identical_results(variant, rng):
     loss_op, mix, state = forward_op(z.detach(), variant, 0.5, 1.0, True, "torch")
     grad_op = backward_op(torch.ones(()), z.detach(), mix, state, variant, "torch")
     assert torch.equal(loss, loss_op) and torch.equal(grad, grad_op)
+
+
+def test_double_backward_raises_instead_of_a_wrong_answer(rng):
+    z = torch.randn(6, 9, generator=rng, dtype=torch.float64, requires_grad=True)
+    grad, = torch.autograd.grad(kernels.dispersive_loss(z, variant="hinge", margin=3.0), z, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(grad.square().sum(), z)
+
+
+def test_fake_tracing_records_the_op(rng):
+    """make_fx with fake tensors (no torch.compile) goes through the op, not the eager path."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(lambda z: kernels.dispersive_loss(z) * 2, tracing_mode="fake")(torch.randn(32, 8192, generator=rng))
+    assert any("dispersive.forward" in str(node.target) for node in gm.graph.nodes)
+
+
+def test_split_k_gram_gradcheck(rng, monkeypatch):
+    """The split-K product for few rows (here with 4-column chunks and a remainder), exact in fp64."""
+    from kernels import gram
+
+    monkeypatch.setattr(gram, "SPLIT_K_CHUNK", 4)
+    z = torch.randn(5, 11, generator=rng, dtype=torch.float64, requires_grad=True)
+    for variant in ("infonce_l2", "infonce_cosine"):
+        assert torch.autograd.gradcheck(lambda z: kernels.dispersive_loss(z, variant=variant, tau=0.7), (z,))

@@ -1,6 +1,8 @@
 """kernels.host_memory: pooled CPU buffers are reused only when nothing holds them."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -89,10 +91,39 @@ def test_a_gradient_the_caller_keeps_is_never_overwritten(rng):
     assert host_memory.pooled_bytes() > 0   # the gradients did come from the pool
 
 
-def test_a_resized_storage_leaves_the_pool():
+def test_a_resized_storage_is_still_a_valid_buffer():
     a = host_memory.empty(BIG, torch.float32, "cpu")
     a.untyped_storage().resize_(0)      # what sharded training does to free a tensor's memory
     del a
-    b = host_memory.empty(BIG, torch.float32, "cpu")
-    b.fill_(2.0)
-    assert b.untyped_storage().nbytes() == b.nbytes and host_memory.pooled_bytes() == b.nbytes
+    b = host_memory.empty(BIG, torch.float32, "cpu").fill_(2.0)
+    assert b.untyped_storage().nbytes() == b.nbytes and torch.all(b == 2.0)
+
+
+def test_a_storage_moved_to_shared_memory_leaves_the_pool():
+    a = host_memory.empty(BIG, torch.float32, "cpu")
+    a.share_memory_()                   # other processes may map it now
+    del a
+    assert not host_memory.empty(BIG, torch.float32, "cpu").is_shared()
+
+
+def test_a_kept_storage_object_keeps_its_buffer_in_use():
+    a = host_memory.empty(BIG, torch.float32, "cpu")
+    storage, ptr = a.untyped_storage(), a.data_ptr()
+    del a
+    assert host_memory.empty(BIG, torch.float32, "cpu").data_ptr() != ptr
+    del storage
+
+
+def test_idle_buffers_of_sizes_not_asked_for_lately_are_freed():
+    sizes = [(32, 65_536 + 1024 * k) for k in range(3)]
+    nbytes = [math.prod(s) * 4 for s in sizes]
+    for shape in sizes:
+        host_memory.empty(shape, torch.float32, "cpu")      # dropped at once: idle
+    assert host_memory.pooled_bytes() == nbytes[1] + nbytes[2]
+
+
+def test_a_forward_without_backward_holds_no_memory(rng):
+    z = torch.randn(BIG, generator=rng)
+    with torch.no_grad():
+        dispersive_loss(z.requires_grad_(), backend="torch")
+    assert host_memory.pooled_bytes() == 0
