@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .distributed import gather_rows
-from .ops import dispersive_op
+from .ops import dispersive_op, flatten_rows
 from .reference import DEFAULT_MARGIN, VARIANTS, Variant, reference_dispersive_loss
 
 Backend = Literal["auto", "triton", "torch", "reference"]
@@ -28,7 +28,9 @@ Scope = Literal["local", "global"]
 SCOPES: tuple[str, ...] = ("local", "global")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Each backend takes the flattened (N, D) input and the resolved options.
+# Each backend takes the flattened (N, D) input and the resolved options. The built-in
+# "torch" and "triton" ones also take z unflattened (N, ...) and flatten inside their
+# autograd function, so that z's gradient comes back in z's own shape (see ops._unviewed).
 _Impl = Callable[[torch.Tensor, str, float, float, bool], torch.Tensor]
 
 
@@ -38,17 +40,18 @@ def _reference_impl(z2, variant, tau, margin, normalize_by_dim):
     return loss if loss.dtype == torch.float64 else loss.float()
 
 
-def _gram_impl(z2, variant, tau, margin, normalize_by_dim):
-    return dispersive_op(z2, variant, tau, margin, normalize_by_dim, "torch")
+def _gram_impl(z, variant, tau, margin, normalize_by_dim):
+    return dispersive_op(z, variant, tau, margin, normalize_by_dim, "torch")
 
 
-def _triton_impl(z2, variant, tau, margin, normalize_by_dim):
+def _triton_impl(z, variant, tau, margin, normalize_by_dim):
     from . import triton_dispersive
 
-    return triton_dispersive.triton_backend(z2, variant, tau, margin, normalize_by_dim)
+    return triton_dispersive.triton_backend(z, variant, tau, margin, normalize_by_dim)
 
 
 _BACKENDS: dict[str, _Impl] = {"torch": _gram_impl, "triton": _triton_impl, "reference": _reference_impl}
+_BUILTIN_UNFLATTENED: dict[str, _Impl] = {"torch": _gram_impl, "triton": _triton_impl}
 
 
 def register_backend(name: str, impl: _Impl) -> None:
@@ -146,12 +149,13 @@ def dispersive_loss(z: torch.Tensor, *, variant: Variant = "infonce_l2", tau: fl
     propagate to the loss; nothing here synchronises with the device.
     """
     tau, margin = validate(z, variant, tau, margin, backend, scope)
-    z2 = z.reshape(z.shape[0], -1)
-    if z2.stride(-1) != 1:  # only a strided last dimension forces a copy
-        z2 = z2.contiguous()
+    name = resolve_backend(z, backend)
+    impl = _BACKENDS[name]
+    if scope == "local" and impl is _BUILTIN_UNFLATTENED.get(name):
+        return impl(z, variant, tau, margin, bool(normalize_by_dim))
+    z2 = flatten_rows(z)
     if scope == "global":
         z2 = gather_rows(z2, group)                                   # (world * N, D)
-    impl = _BACKENDS[resolve_backend(z, backend)]
     return impl(z2, variant, tau, margin, bool(normalize_by_dim))
 
 
@@ -181,7 +185,7 @@ def dispersive_loss_groups(zs: Sequence[torch.Tensor], *, variant: Variant = "in
         flat = [z.reshape(z.shape[0], -1) for z in zs]
         if triton_dispersive.supports_groups(flat[0], variant):
             z3 = torch.stack(flat)                                                 # (K, N, D)
-            return dispersive_op(z3, variant, tau, margin, bool(normalize_by_dim), "triton")
+            return dispersive_op(z3, variant, tau, margin, bool(normalize_by_dim), "triton", stacked=True)
     # One call per batch; each call validates its own batch.
     return torch.stack([dispersive_loss(z, variant=variant, tau=tau, margin=margin, normalize_by_dim=normalize_by_dim,
                                         backend=backend, scope=scope, group=group) for z in zs])

@@ -85,38 +85,62 @@ def _backward(ctx, grad_loss, _grad_mix, _grad_state):
 forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def flatten_rows(z: Tensor) -> Tensor:
+    """(N, ...) -> (N, D); a copy only when the last dimension is strided."""
+    z2 = z.reshape(z.shape[0], -1)
+    return z2 if z2.stride(-1) == 1 else z2.contiguous()
+
+
+def _unviewed(t: Tensor, shape: torch.Size) -> Tensor:
+    """The fresh, contiguous gradient ``t`` reshaped in place to ``shape``: not a view.
+
+    Autograd adds a second gradient for the same tensor (the block's hidden state gets
+    one from the next block and one from this term) in place when the first is a tensor
+    of its own, and into a newly allocated sum when it is a view: returning
+    ``dz.view(shape)`` would cost an N x D allocation per call.
+    """
+    if t.shape == shape:
+        return t
+    if not t.is_contiguous():  # no backend returns this; a view is still a right answer
+        return t.reshape(shape)
+    return t.resize_(shape)  # same number of elements: only the sizes change
+
+
 class _Eager(torch.autograd.Function):
     """The same forward and backward as the custom ops, for eager calls.
 
     The custom op's dispatch (schema parsing, the generated autograd wrapper, redispatch
     below autograd) costs about 150 us per forward+backward on the 2-core CI VM, where
     the N = 8, D = 98,304 term itself is ~1 ms; only torch.compile needs the op (it keeps
-    the loss opaque in the graph), so eager calls skip it.
+    the loss opaque in the graph), so eager calls skip it. It also takes z unflattened and
+    returns the gradient in z's own shape, not as a view (``_unviewed``).
     """
 
     @staticmethod
-    def forward(ctx, z, variant, tau, margin, normalize_by_dim, backend, backward_follows):
-        loss, mix, state = _forward_impl(z, variant, tau, margin, normalize_by_dim, backend, backward_follows)
-        ctx.save_for_backward(z, mix, state)
-        ctx.variant, ctx.backend = variant, backend
+    def forward(ctx, z, variant, tau, margin, normalize_by_dim, backend, stacked, backward_follows):
+        z2 = z if stacked else flatten_rows(z)
+        loss, mix, state = _forward_impl(z2, variant, tau, margin, normalize_by_dim, backend, backward_follows)
+        ctx.save_for_backward(z2, mix, state)
+        ctx.variant, ctx.backend, ctx.shape = variant, backend, z.shape
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # as the op: no double backward (mix is a constant here)
     def backward(ctx, grad_loss):
-        z, mix, state = ctx.saved_tensors
-        return _backward_impl(grad_loss, z, mix, state, ctx.variant, ctx.backend), None, None, None, None, None, None
+        z2, mix, state = ctx.saved_tensors
+        dz = _backward_impl(grad_loss, z2, mix, state, ctx.variant, ctx.backend)
+        return _unviewed(dz, ctx.shape), None, None, None, None, None, None, None
 
 
-def dispersive_op(z2: Tensor, variant: str, tau: float, margin: float, normalize_by_dim: bool,
-                  backend: str) -> Tensor:
-    """The loss of the flattened z (N, D) (fp32; fp64 for fp64 on "torch"); the K losses (K,)
-    of a stack (K, N, D) on the "triton" backend. The custom op under torch.compile, else
-    ``_Eager``: one implementation either way."""
+def dispersive_op(z: Tensor, variant: str, tau: float, margin: float, normalize_by_dim: bool,
+                  backend: str, stacked: bool = False) -> Tensor:
+    """The loss of one batch z (N, ...), flattened per sample (fp32; fp64 for fp64 on "torch");
+    with ``stacked``, the K losses (K,) of a stack (K, N, D) on the "triton" backend. The
+    custom op while anything traces, else ``_Eager``: one implementation either way."""
     args = (variant, float(tau), float(margin), bool(normalize_by_dim), backend)
     # Any tracing (dynamo, make_fx, fake or functional tensors: a dispatch mode or a tensor
     # subclass) records the op; a plain eager call runs the implementation directly.
-    if (torch.compiler.is_compiling() or type(z2) is not torch.Tensor
+    if (torch.compiler.is_compiling() or type(z) is not torch.Tensor
             or torch._C._len_torch_dispatch_stack() > 0):
-        return forward_op(z2, *args)[0]
-    return _Eager.apply(z2, *args, torch.is_grad_enabled() and z2.requires_grad)
+        return forward_op(z if stacked else flatten_rows(z), *args)[0]
+    return _Eager.apply(z, *args, stacked, torch.is_grad_enabled() and z.requires_grad)

@@ -250,14 +250,14 @@ def backward(grad_out: torch.Tensor, z: torch.Tensor, mix_hat: torch.Tensor, sta
 # ----------------------------------------------------------------------------- the backend
 
 
-def triton_backend(z2: torch.Tensor, variant: str, tau: float, margin: float,
+def triton_backend(z: torch.Tensor, variant: str, tau: float, margin: float,
                    normalize_by_dim: bool) -> torch.Tensor:
-    """``backend="triton"`` of ``kernels.dispersive_loss`` on the flattened z (N, D)."""
+    """``backend="triton"`` of ``kernels.dispersive_loss`` on one batch z (N, ...)."""
     from .ops import dispersive_op
 
     # Beyond MAX_N, or fp64: the Gram path (it runs on CUDA too). A shape/dtype test, no sync.
-    backend = "triton" if supports(z2) else "torch"
-    return dispersive_op(z2, variant, tau, margin, normalize_by_dim, backend)
+    backend = "triton" if supports(z.detach().reshape(z.shape[0], -1)) else "torch"
+    return dispersive_op(z, variant, tau, margin, normalize_by_dim, backend)
 
 
 __all__ = ["EPILOGUE_MAX_N", "INTERPRETED", "MAX_N", "TILES", "Tiles", "backward", "forward", "gram",

@@ -258,3 +258,36 @@ def test_groups_equal_one_call_per_batch(rng):
         dispersive_loss_groups([])
     with pytest.raises(ValueError, match="tau"):
         dispersive_loss_groups(zs, tau=-1.0)
+
+
+@pytest.mark.parametrize("shape", [(8, 4096), (8, 16, 256)])
+def test_gradient_comes_back_in_z_shape_and_is_summed_in_place(shape, rng):
+    """The hidden state of a block gets two gradients (next block, this term). Returned in
+    z's own shape and not as a view, the term's gradient is the buffer autograd adds the
+    other one into (no third N x D tensor); through a view it would allocate the sum.
+    (Sizes below the pool's: a pooled gradient shares its storage with the pool.)"""
+    from kernels import gram
+
+    made = {}
+    backward = gram.gram_backward
+
+    def recording(*args):
+        dz = backward(*args)
+        made["ptr"] = dz.data_ptr()  # not the tensor: a reference kept here would forbid the in-place sum
+        return dz
+
+    x = torch.randn(shape, generator=rng, requires_grad=True)
+    h = x * 2
+    seen = {}
+
+    def keep(grad):
+        seen["grad"] = grad
+
+    h.register_hook(keep)
+    try:
+        gram.gram_backward = recording
+        ((h * 3).sum() + dispersive_loss(h, backend="torch")).backward()
+    finally:
+        gram.gram_backward = backward
+    assert seen["grad"].shape == shape
+    assert seen["grad"].data_ptr() == made["ptr"]
