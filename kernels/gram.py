@@ -17,9 +17,10 @@ instead of a full fp32 copy of z. On the CPU the slab borrows the memory z's gra
 will take in backward (``kernels.host_memory``): no page faults, no extra peak.
 
 ``gram_forward`` / ``gram_backward`` are what ``kernels.ops`` runs for this backend
-(eagerly, or as the ``dispersive::forward`` / ``backward`` custom ops under torch.compile). The N x N epilogue functions
-(``gram_epilogue``, ``covariance_setup``, ``covariance_finish``) are shared with the
-Triton path, which applies them to its own Gram matrix for N > 64 and for covariance.
+(eagerly, or as the ``dispersive::forward`` / ``backward`` custom ops under torch.compile).
+The N x N epilogue functions (``gram_epilogue``, ``covariance_setup``,
+``covariance_finish``) are shared with the Triton path, which applies them to its own
+Gram matrix for N > 64 and for covariance.
 """
 from __future__ import annotations
 
@@ -111,13 +112,13 @@ def _scratch(z: torch.Tensor, dtype: torch.dtype, backward_follows: bool) -> tor
     torch.compile, does not), the front of the pooled buffer z's gradient takes in backward
     (``host_memory``): memory backward needs anyway, already paged in, so the slab costs no
     page faults and no extra peak. Else a fresh one: a gradient-sized buffer would otherwise
-    be held for a backward that never comes. (Slabs as wide as the
-    whole borrowed buffer were tried: one product instead of three at N = 32, D = 294,912
-    fp32, but 16.0-16.5 ms against 13.8-14.1 ms forward+backward in interleaved runs.)
+    be held for a backward that never comes. (Slabs as wide as the whole borrowed buffer
+    were tried: one product instead of three at N = 32, D = 294,912 fp32, but 16.0-16.5 ms
+    against 13.8-14.1 ms forward+backward in interleaved runs.)
     """
     n, d = z.shape
     shape = (n, min(d, _slab_width(n)))
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     grad_bytes = z.numel() * z.element_size()
     borrow = backward_follows and z.device.type == "cpu" and nbytes <= grad_bytes
     flat = host_memory.pooled(grad_bytes) if borrow else None

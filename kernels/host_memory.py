@@ -116,7 +116,7 @@ def pooled(nbytes: int) -> torch.Tensor | None:
 def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """Like ``torch.empty(shape)`` (contiguous, not a view); large CPU tensors reuse pooled memory."""
     device = torch.device(device)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     flat = pooled(nbytes) if device.type == "cpu" else None
     if flat is None:
         return torch.empty(shape, dtype=dtype, device=device)
