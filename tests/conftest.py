@@ -14,15 +14,23 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("DISP_FIXTURES", REPO.parent / "shared" / "fixtures"))
+# The release fixtures ship with the repository (tests/fixtures/README.md says how they were
+# made); DISP_FIXTURES points the suite at another copy.
+FIXTURES = Path(os.environ.get("DISP_FIXTURES") or REPO / "tests" / "fixtures")
+
+
+def fixture_path(name: str) -> Path:
+    """A file of the fixtures folder; a clear error when it is missing."""
+    path = FIXTURES / name
+    if not path.exists():
+        raise FileNotFoundError(f"release fixture {name} not found in {FIXTURES} "
+                                "(tests/fixtures in the repository, or DISP_FIXTURES)")
+    return path
 
 
 @pytest.fixture(scope="session")
 def release_fixtures() -> dict:
-    path = FIXTURES / "official_reference_seed0.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"release fixtures not found at {path}; set DISP_FIXTURES to the folder")
-    return torch.load(path, weights_only=True)
+    return torch.load(fixture_path("official_reference_seed0.pt"), weights_only=True)
 
 
 @pytest.fixture

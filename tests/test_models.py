@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +11,7 @@ import torch.nn.functional as F
 import models
 import models.dit as dit_module
 from models.dit import LabelEmbedder, timestep_embedding
+from tests.conftest import fixture_path
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -22,16 +21,11 @@ RTOL, ATOL = 1e-5, 1e-6
 # ---------------------------------------------------------------------------------------
 
 
-def fixtures_dir() -> Path:
-    override = os.environ.get("DISP_FIXTURES")
-    return Path(override) if override else Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
 
 @pytest.fixture(scope="module")
-def ref() -> dict:
-    path = fixtures_dir() / "official_reference_seed0.pt"
-    assert path.exists(), f"reference fixtures not found at {path} (set DISP_FIXTURES)"
-    return torch.load(path, weights_only=True)
+def ref(release_fixtures) -> dict:
+    return release_fixtures
 
 
 def tiny(ref: dict, family: str = "sit", state: str | None = None, **overrides) -> models.DiffusionTransformer:
@@ -48,7 +42,7 @@ def tiny(ref: dict, family: str = "sit", state: str | None = None, **overrides) 
 
 
 def test_state_dict_keys_and_shapes_match_release_xl():
-    lines = (fixtures_dir() / "sit_xl_2_state_dict_keys.txt").read_text().splitlines()
+    lines = fixture_path("sit_xl_2_state_dict_keys.txt").read_text().splitlines()
     expected = {}
     for line in lines:
         if line.startswith("#") or not line.strip():

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,14 +13,9 @@ import models
 TINY = dict(input_size=8, hidden_size=64, depth=3, num_heads=4, num_classes=10)
 
 
-def fixtures_dir() -> Path:
-    override = os.environ.get("DISP_FIXTURES")
-    return Path(override) if override else Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-
-
 @pytest.fixture(scope="module")
-def ref() -> dict:
-    return torch.load(fixtures_dir() / "official_reference_seed0.pt", weights_only=True)
+def ref(release_fixtures) -> dict:
+    return release_fixtures
 
 
 def release_args(**extra) -> argparse.Namespace:
