@@ -84,11 +84,12 @@ def _int_list_or_text(text: str):
 
 def _enum_parser(enum_cls):
     def parse(text: str):
-        try:
-            return enum_cls(text)
-        except ValueError:
-            valid = ", ".join(str(e.value) for e in enum_cls)
-            raise argparse.ArgumentTypeError(f"{text!r} is not one of: {valid}") from None
+        key = text.strip().lower().replace("_", "-")
+        for member in enum_cls:  # any case, '_' for '-': the releases write "GVP", "Linear"
+            if key in (str(member.value).lower(), member.name.lower().replace("_", "-")):
+                return member
+        valid = ", ".join(str(e.value) for e in enum_cls)
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of: {valid}")
     parse.__name__ = enum_cls.__name__
     return parse
 
@@ -108,20 +109,32 @@ def _walk(cls, prefix: str = ""):
             yield (f.name,), name.replace("_", "-"), f, field_docs(cls).get(f.name, ""), tp
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    for path, flag, f, help_text, tp in _walk(cls):
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
+def add_config_arguments(parser, cls, *, prefix: str = "", dest: str = "cfg",
+                         aliases: dict[str, tuple[str, ...]] | None = None) -> None:
+    """A flag per leaf field of ``cls`` on ``parser`` (a parser or an argument group).
+
+    ``prefix`` goes in front of every flag name (``transport-`` -> ``--transport-path``);
+    ``dest`` names the namespace the values land in (read back by ``overrides_from_args``);
+    ``aliases`` maps a flag name to further spellings (e.g. a release's ``--path-type``).
+    """
+    aliases = aliases or {}
+    defaults = cls()  # the defaults shown are the whole config's (a section may default to a preset)
+    for path, flag, f, help_text, tp in _walk(cls, prefix):
+        default = functools.reduce(getattr, path, defaults)
+        if isinstance(default, enum.Enum):
+            default = default.value
         shown = "" if default is None else f" (default: {default})"
-        parser.add_argument(f"--{flag}", dest="cfg." + ".".join(path), default=None,
-                            help=f"{help_text}{shown}".replace("%", "%%"), **_parser_for(tp))
+        kwargs = {"metavar": path[-1].rstrip("_").upper(), **_parser_for(tp)}
+        if "choices" in kwargs or kwargs.get("action") is argparse.BooleanOptionalAction:
+            kwargs.pop("metavar")  # argparse shows the choices / the --no- form itself
+        parser.add_argument(f"--{flag}", *aliases.get(flag, ()), dest=f"{dest}." + ".".join(path), default=None,
+                            help=f"{help_text}{shown}".replace("%", "%%"), **kwargs)
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict[tuple[str, ...], Any]:
+def overrides_from_args(args: argparse.Namespace, dest: str = "cfg") -> dict[tuple[str, ...], Any]:
     """The (path -> value) pairs the user actually gave on the command line."""
     return {tuple(k.split(".")[1:]): v for k, v in vars(args).items()
-            if k.startswith("cfg.") and v is not None}
+            if k.startswith(f"{dest}.") and v is not None}
 
 
 def apply_overrides(cfg, overrides: dict[tuple[str, ...], Any]):

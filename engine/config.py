@@ -5,6 +5,7 @@ Every field is also a command-line flag of ``engine/train.py`` (see ``engine.cli
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -86,7 +87,9 @@ class TrainConfig:
     model: ModelSection = section(ModelSection)
     data: DataSection = section(DataSection)
     transport: TransportConfig = section(TransportConfig, prefix="transport-")
-    dispersive: DispersiveConfig = section(DispersiveConfig, prefix="disp-")
+    dispersive: DispersiveConfig = section(functools.partial(DispersiveConfig.preset, "release"), prefix="disp-")
+    """The regularizer; by default the release's setting (lambda 0.25, tau 1, last block), since
+    this engine exists for it. ``--disp-preset none`` (or ``--disp-lambda 0``) trains the baseline."""
     meanflow: MeanFlowConfig = section(MeanFlowConfig, prefix="mf-")
     optim: OptimSection = section(OptimSection)
 

@@ -133,19 +133,6 @@ def load_labelled_latents(data: str | os.PathLike, *, size: int | None = None,
     return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.asarray(y, dtype=np.int64))
 
 
-def checkpoint_transport(ckpt: Mapping[str, Any]) -> TransportConfig:
-    """The SiT path a checkpoint was trained with: this trainer's saved config, else the
-    release's args (path_type, prediction, ...), else the defaults (linear, velocity)."""
-    args = ckpt.get("args")
-    train_cfg = args.get("train_config") if isinstance(args, Mapping) else None
-    if isinstance(train_cfg, Mapping) and isinstance(train_cfg.get("transport"), Mapping):
-        return TransportConfig(**train_cfg["transport"])
-    from engine.sample import transport_from
-
-    blank = argparse.Namespace(path_type=None, prediction=None, train_eps=None, sample_eps=None)
-    return transport_from(ckpt, blank)
-
-
 def noised(model: torch.nn.Module, x: Tensor, t: float, noise: Tensor,
            transport: TransportConfig | None) -> tuple[Tensor, Tensor]:
     """(x_t, model time (N,)) for clean latents x at probe time t (1 = data)."""
@@ -294,7 +281,7 @@ def probe_checkpoint(path: str | os.PathLike | Mapping[str, Any], data: str = "d
 
     cfg = cfg or ProbeConfig()
     ckpt = models.load_checkpoint_file(path) if isinstance(path, (str, os.PathLike)) else path
-    transport = checkpoint_transport(ckpt)
+    transport = TransportConfig.of_checkpoint(ckpt)
     reports = []
     x = y = None
     for which in weights:

@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import os
-from collections.abc import Mapping
 from dataclasses import asdict
 from enum import Enum
 from typing import Any, Sequence
@@ -44,13 +43,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from engine.cli import add_config_arguments, overrides_from_args
 from engine.diffusion import DiffusionConfig
 from engine.images import (RENDER_MODES, SD_VAE_SCALE, decode_latents, load_vae, make_grid,
                            render_latents, save_npz, save_png)
 from engine.objective import unwrap_model
 from engine.samplers import (Guidance, LastStep, ODEMethod, SamplerConfig, SamplerKind, SDEMethod, null_label,
                              sample_latents)
-from engine.transport import DiffusionForm, PathType, Prediction, TransportConfig
+from engine.transport import DiffusionForm, TransportConfig
 
 
 # ---------------------------------------------------------------------------------------
@@ -154,12 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'release' (first 3 channels, the releases' default), 'all', or an int")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"),
                    help="guide only for t in [T_LO, T_HI] (SiT flow time; DiT step index)")
-    # SiT transport
-    p.add_argument("--path-type", default=None, help=f"SiT path: {_names(PathType)} (default: from the "
-                   "checkpoint's args, else linear)")
-    p.add_argument("--prediction", default=None, help=f"SiT prediction: {_names(Prediction)}")
-    p.add_argument("--sample-eps", type=float, default=None)
-    p.add_argument("--train-eps", type=float, default=None)
+    # SiT transport: the training flags' spelling (and the release's sample.py spelling)
+    transport = p.add_argument_group(
+        "SiT transport", "default: what the checkpoint was trained with (this project's saved training "
+        "config, else the release's args), else the defaults shown")
+    add_config_arguments(transport, TransportConfig, prefix="transport-", dest="transport",
+                         aliases={"transport-path": ("--path-type",), "transport-prediction": ("--prediction",),
+                                  "transport-train-eps": ("--train-eps",),
+                                  "transport-sample-eps": ("--sample-eps",)})
     # decoding
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL directory (never downloaded)")
     p.add_argument("--latent-scale", type=float, default=SD_VAE_SCALE,
@@ -170,29 +172,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda (this rank's) if available, else cpu")
     p.add_argument("--no-progress", action="store_true")
     return p
-
-
-def _arg(args: Any, key: str) -> Any:
-    if isinstance(args, Mapping):
-        return args.get(key)
-    return getattr(args, key, None)
-
-
-def transport_from(ckpt: Any, cli: argparse.Namespace) -> TransportConfig:
-    """SiT transport: CLI flags, else the checkpoint's recorded training args, else defaults."""
-    saved = ckpt.get("transport") if isinstance(ckpt, Mapping) else None  # this project's, if any
-    args = ckpt.get("args") if isinstance(ckpt, Mapping) else None
-    fields: dict[str, Any] = {}
-    for key, cli_key in (("path", "path_type"), ("prediction", "prediction"),
-                         ("train_eps", "train_eps"), ("sample_eps", "sample_eps")):
-        value = getattr(cli, cli_key)
-        if value is None and isinstance(saved, Mapping):
-            value = saved.get(key)
-        if value is None and args is not None:
-            value = _arg(args, cli_key)
-        if value is not None:
-            fields[key] = value
-    return TransportConfig(**fields)  # loss_weight does not matter for sampling
 
 
 def _jsonable(obj: Any) -> Any:
@@ -277,7 +256,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
             device = torch.device("cpu")
 
         ckpt = models.load_checkpoint_file(args.ckpt)
-        model = models.load_model(ckpt, name=args.model, prefer=args.prefer).to(device).eval()
+        model_cfg, origin = models.checkpoint_config(ckpt, args.model, args.ckpt)
+        model = models.load_model(ckpt, prefer=args.prefer, config=model_cfg).to(device).eval()
         cfg = model.config
         family = cfg.family
 
@@ -295,7 +275,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
                             interval=tuple(args.guidance_interval) if args.guidance_interval else None)
         if guidance.active:
             null_label(model)
-        transport = transport_from(ckpt, args) if family == "sit" else None
+        transport = None
+        if family == "sit":
+            flags = {path[0]: value for path, value in overrides_from_args(args, "transport").items()}
+            transport = TransportConfig.of_checkpoint(ckpt, **flags)
+        if dist.rank == 0:
+            described = f"; transport {transport.path.value}/{transport.prediction.value}" if transport else ""
+            print(f"model: {origin}{described}", flush=True)
         classes = _parse_classes(args.classes, cfg.num_classes)
         vae = load_vae(args.vae, device) if args.vae else None
 
@@ -374,5 +360,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         dist.close()
 
 
+def cli(argv: Sequence[str] | None = None) -> None:
+    """``main`` for a person at a shell: a mistake (bad flag value, wrong or unrecognisable
+    checkpoint, settings that clash with an existing --out) is one line on stderr and exit
+    status 2, not a traceback."""
+    import models
+
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError, KeyError, models.CheckpointMismatchError) as err:
+        print(f"python -m engine.sample: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

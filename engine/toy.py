@@ -334,13 +334,13 @@ def sample_noise_and_labels(cfg: ToyConfig) -> tuple[torch.Tensor, torch.Tensor]
 def sample_run(ckpt_path: Path, cfg: ToyConfig, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """EMA samples (N, 1, 16, 16) as latents (unclamped)."""
     import models
-    from engine.probe import checkpoint_transport
     from engine.samplers import SamplerConfig, sample_latents
+    from engine.transport import TransportConfig
 
     ckpt = models.load_checkpoint_file(ckpt_path)
     model = models.load_model(ckpt, prefer="ema")
     sampler = SamplerConfig(kind="ode", method=cfg.sample_method, num_steps=cfg.sample_steps)
-    transport = checkpoint_transport(ckpt)
+    transport = TransportConfig.of_checkpoint(ckpt)
     out = [sample_latents(model, labels[i:i + cfg.sample_batch], noise[i:i + cfg.sample_batch], sampler=sampler,
                           transport=transport) for i in range(0, len(labels), cfg.sample_batch)]
     return torch.cat(out)
@@ -394,7 +394,8 @@ def _evaluate_run(run: TrainedRun, disp: DispSetting | None, cfg: ToyConfig, rea
     import models
     from engine.fid import FeatureStatistics, frechet_distance_stats
     from engine.images import render_latents, save_npz
-    from engine.probe import ProbeConfig, checkpoint_transport, probe_model
+    from engine.probe import ProbeConfig, probe_model
+    from engine.transport import TransportConfig
     from models import resolve_blocks
 
     _log(f"sampling and probing {run.name}")
@@ -407,7 +408,7 @@ def _evaluate_run(run: TrainedRun, disp: DispSetting | None, cfg: ToyConfig, rea
         class_acc = float((net(clamped).argmax(1) == labels).float().mean())
 
     ckpt = models.load_checkpoint_file(run.checkpoint)
-    transport = checkpoint_transport(ckpt)
+    transport = TransportConfig.of_checkpoint(ckpt)
     n_probe = cfg.probe_samples or len(real.x)
     # InfoNCE-L2 is reported at the run's own tau (1 for the baseline, the release's value).
     pcfg = ProbeConfig(t=cfg.probe_t, blocks="all", seed=cfg.seed, dispersion_samples=cfg.dispersion_samples,

@@ -28,8 +28,9 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="JSON config to start from (e.g. a run's config.json)")
     parser.add_argument("--disp-preset", choices=["paper", "release", "none"],
-                        help="Dispersive Loss preset: paper (lambda 0.5, tau 0.5, block depth//4), "
-                             "release (lambda 0.25, tau 1, last block) or none; --disp-* flags override it")
+                        help="Dispersive Loss preset: release (the default: lambda 0.25, tau 1, last "
+                             "block), paper (lambda 0.5, tau 0.5, block depth//4) or none (the baseline); "
+                             "--disp-* flags override it")
     parser.add_argument("--meanflow-preset", choices=["meanflow_b_4", "meanflow_xl_2"],
                         help="MeanFlow one-step training with the published recipe (model, objective, "
                              "Adam beta2 0.95, lr 1e-4, batch 256, EMA 0.9999); other flags override it")

@@ -23,7 +23,7 @@ import torch
 import models
 from .checkpoint import CheckpointDir, atomic_torch_save, tag_for
 from .cli import config_to_dict
-from .config import TrainConfig
+from .config import DataSection, TrainConfig
 from .distributed import any_true, barrier, init_distributed, return_freed_memory
 from .ema import FullEMA, ShardedEMA, full_state_dict
 from .metrics import MetricsWriter, PhaseTimer, peak_tflops
@@ -90,6 +90,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def describe_data(data: DataSection, path: Path, shape: str) -> str:
+    """What the start-up line says of the data; in words when it is only a smoke test."""
+    if data.data == "synthetic":
+        return (f"SMOKE TEST on {data.synthetic_samples} random synthetic latents ({shape}), not a "
+                "dataset: no --data was given. Train on real data with --data DIR (latents written by "
+                "python -m engine.extract_latents, see engine/DATA.md), or --data digits for the "
+                "built-in toy")
+    return f"data {path} ({shape})"
 
 
 def prepare_dataset(cfg: TrainConfig, rank: int) -> Path:
@@ -290,8 +300,8 @@ class Trainer:
 
     def _micro_step(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y, valid = batch["x"], batch["y"], batch["valid"]
-        if self.cfg.precision == "bf16":
-            x = x.to(torch.bfloat16)
+        # The latents stay fp32 under bf16 too: the noisy input and the target are formed in
+        # fp32 and the model casts its own input (models.dit's patch embedding).
         with self.timer.phase("forward"):
             out = self.objective(self.engine, x, y, valid=valid)
         return out["loss"], out
@@ -403,8 +413,10 @@ class Trainer:
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
         peak = f"{self.peak:.0f} TFLOP/s ({self.cfg.precision})" if self.peak else "unknown (MFU not reported)"
         print(f"[train] model {self.cfg.model.name} ({mc.family}, depth {mc.depth}, hidden {mc.hidden_size}, "
-              f"{n_params:,} parameters); data {self.data_path} ({mc.in_channels}x{mc.input_size}x{mc.input_size}, "
-              f"{mc.num_classes} classes)", flush=True)
+              f"{n_params:,} parameters); "
+              + describe_data(self.cfg.data, self.data_path,
+                              f"{mc.in_channels}x{mc.input_size}x{mc.input_size}, {mc.num_classes} classes"),
+              flush=True)
         print(f"[train] {self.world} rank(s) on {self.device.type}; global batch {self.cfg.global_batch} = "
               f"{self.world} x micro {self.micro} x accumulation {self.accum}; ZeRO-{self.cfg.zero_stage}, "
               f"{self.cfg.precision}; device peak {peak}; {self.flops_per_image / 1e9:.2f} GFLOP per image "

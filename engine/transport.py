@@ -25,9 +25,10 @@ t = 1), noise/score predictions on Linear/GVP are cut at both ends (1/sigma at t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from enum import Enum
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -54,6 +55,13 @@ def parse_choice(enum_cls: type[E], value: object, what: str) -> E:
                 return member
     valid = ", ".join(repr(m.value) for m in enum_cls)
     raise ValueError(f"unknown {what} {value!r}; valid: {valid}")
+
+
+def _lookup(args: Any, key: str) -> Any:
+    """``args[key]`` of a dict or ``args.key`` of an ``argparse.Namespace``; None when absent."""
+    if args is None:
+        return None
+    return args.get(key) if isinstance(args, Mapping) else getattr(args, key, None)
 
 
 class PathType(str, Enum):
@@ -250,6 +258,39 @@ class TransportConfig:
             needs_t0 = self.prediction is not Prediction.VELOCITY or form is DiffusionForm.SBDM
             return (eps if needs_t0 else 0.0), end
         return 0.0, 1.0
+
+    @classmethod
+    def of_checkpoint(cls, ckpt: Any, **flags: Any) -> "TransportConfig":
+        """The transport a SiT checkpoint was trained with: the one reader every command uses.
+
+        Field by field, the first that is set wins: ``flags`` (a command's ``--transport-*``
+        values; None means not given) > this project's saved training config
+        (``args["train_config"]["transport"]``, written by the trainer) > the release's
+        training args (``path_type``, ``prediction``, ``loss_weight``, ``train_eps``,
+        ``sample_eps``; an ``argparse.Namespace`` or a dict) > the defaults (linear, velocity).
+        """
+        unknown = sorted(set(flags) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown TransportConfig field(s) {unknown}")
+        args = ckpt.get("args") if isinstance(ckpt, Mapping) else None
+        train_cfg = _lookup(args, "train_config")
+        saved = train_cfg.get("transport") if isinstance(train_cfg, Mapping) else None
+        # The release's flag names (SiT train.py) for our fields.
+        release = {"path": _lookup(args, "path_type"), "prediction": _lookup(args, "prediction"),
+                   "loss_weight": _lookup(args, "loss_weight"), "train_eps": _lookup(args, "train_eps"),
+                   "sample_eps": _lookup(args, "sample_eps")}
+        chosen: dict[str, Any] = {}
+        for f in fields(cls):
+            for source in (flags, saved if isinstance(saved, Mapping) else {}, release):
+                if source.get(f.name) is not None:
+                    chosen[f.name] = source[f.name]
+                    break
+        prediction = parse_choice(Prediction, chosen.get("prediction", Prediction.VELOCITY), "prediction")
+        if prediction is Prediction.VELOCITY and flags.get("loss_weight") is None:
+            # A saved weight of a noise/score run means nothing once --transport-prediction
+            # asks for velocity (and a weight never matters for sampling).
+            chosen.pop("loss_weight", None)
+        return cls(**chosen)
 
     def build_path(self) -> InterpolantPath:
         if self.path is PathType.LINEAR:

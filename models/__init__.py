@@ -3,7 +3,9 @@
 from .attention import flash_attn_available
 from .checkpoint import (
     CheckpointMismatchError,
+    checkpoint_config,
     describe_mismatch,
+    infer_config,
     load_checkpoint_file,
     load_model,
     load_state_dict_from_checkpoint,
@@ -16,6 +18,7 @@ from .registry import MODELS, SIZES, create_model, get_config, list_models, rele
 
 __all__ = [
     "CheckpointMismatchError",
+    "checkpoint_config",
     "DiffusionTransformer",
     "MODELS",
     "ModelConfig",
@@ -25,6 +28,7 @@ __all__ = [
     "flash_attn_available",
     "flops_per_sample",
     "get_config",
+    "infer_config",
     "list_models",
     "load_checkpoint_file",
     "load_model",

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -23,7 +25,7 @@ import torch
 
 from .config import ModelConfig
 from .dit import DiffusionTransformer
-from .registry import get_config
+from .registry import SIZES, _canonical, get_config, release_name
 
 PathLike = str | os.PathLike
 STRIP_PREFIXES = ("module.", "_orig_mod.")
@@ -149,38 +151,105 @@ def _args_hints(args: Any) -> tuple[str | None, dict[str, Any]]:
     return (name if isinstance(name, str) else None), hints
 
 
+def _family_from_name(source: PathLike | None) -> str | None:
+    """"sit" or "dit" when a file name says so as a word ("SiT-XL-2-256.pt"), else None."""
+    if source is None:
+        return None
+    found = set(re.findall(r"(?<![a-z])(sit|dit)(?![a-z])", os.path.basename(os.fspath(source)).lower()))
+    return found.pop() if len(found) == 1 else None
+
+
+def infer_config(state_dict: Mapping[str, torch.Tensor], source: PathLike | None = None
+                 ) -> tuple[ModelConfig, str]:
+    """(config, how it was found) from a state_dict's shapes alone, or a ValueError listing candidates.
+
+    Shapes give depth, width, patch, channels, input size, MLP ratio, learned sigma, the label
+    table and a MeanFlow second time input; the heads come from the registry size with that
+    depth and width. SiT and DiT weights have identical shapes, so the family comes from the
+    file name (``SiT-XL-2-256.pt``) or from a MeanFlow ``h_embedder`` (SiT only).
+    """
+    sd = _strip_prefixes(state_dict)
+    need = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight",
+            "final_layer.linear.weight", "blocks.0.mlp.fc1.weight")
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise ValueError(f"cannot recognise a SiT/DiT in this state_dict: it lacks {missing}")
+    hidden, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape
+    tokens = sd["pos_embed"].shape[1]
+    grid = math.isqrt(tokens)
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    out_channels = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
+    rows = sd["y_embedder.embedding_table.weight"].shape[0]
+    second_time = any(k.startswith("h_embedder.") for k in sd)
+    sizes = [name for name, size in SIZES.items() if (size.depth, size.hidden_size) == (depth, hidden)]
+    found = (f"depth {depth}, hidden {hidden}, patch {patch}, {in_channels} channels, "
+             f"{'learned sigma' if out_channels == 2 * in_channels else 'no sigma'}, "
+             f"{grid * patch}x{grid * patch} latents, {rows} label rows")
+    if not sizes:
+        known = ", ".join(f"{n} (depth {z.depth}, hidden {z.hidden_size})" for n, z in SIZES.items())
+        raise ValueError(f"the state_dict's shapes ({found}) match no registry size: {known}; "
+                         "pass the model name and size overrides (--model, or load_model(name=, depth=, ...))")
+    family = "sit" if second_time else _family_from_name(source)
+    candidates = [_canonical(f, sizes[0], patch) for f in ("sit", "dit")]
+    if family is None:
+        raise ValueError(f"the state_dict's shapes ({found}) fit {' or '.join(candidates)}: SiT and DiT "
+                         "weights look alike, and the file name does not say which; pass --model "
+                         f"{candidates[0]} or --model {candidates[1]}")
+    name = _canonical(family, sizes[0], patch)
+    config = get_config(
+        name, input_size=grid * patch, in_channels=in_channels, num_classes=rows - 1,
+        class_dropout_prob=0.1, learn_sigma=out_channels == 2 * in_channels,
+        mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden, second_time_input=second_time)
+    how = (f"{release_name(name)} recognised from the state_dict's shapes ({found}; taken as "
+           f"{rows - 1} classes plus the null class"
+           + ("; family from the MeanFlow h_embedder)" if second_time else "; family from the file name)"))
+    return config, how
+
+
+def checkpoint_config(ckpt: Mapping[str, Any], name: str | None = None, source: PathLike | None = None,
+                      **overrides) -> tuple[ModelConfig, str]:
+    """(architecture, where it came from) of a loaded checkpoint.
+
+    In order: ``name`` (plus image_size / num_classes recorded in the checkpoint's args), the
+    checkpoint's "config" dict (this project), the model name in its args (the releases),
+    else the state_dict's shapes (``infer_config``; ``source`` is the file, whose name may
+    tell SiT from DiT). Explicit ``overrides`` always win.
+    """
+    bare = _is_state_dict(ckpt)
+    args_name, hints = (None, {}) if bare else _args_hints(ckpt.get("args"))
+    saved_config = None if bare else ckpt.get("config")
+    if name is not None:
+        return get_config(name, **{**hints, **overrides}), f"{release_name(name)} (as asked)"
+    if isinstance(saved_config, Mapping):
+        return dataclasses.replace(ModelConfig(**saved_config), **overrides), "the checkpoint's config"
+    if args_name is not None:
+        return get_config(args_name, **{**hints, **overrides}), f"{args_name} (the checkpoint's training args)"
+    config, how = infer_config(load_state_dict_from_checkpoint(ckpt), source)
+    return dataclasses.replace(config, **overrides), how
+
+
 def load_model(
     path_or_obj: PathLike | Mapping[str, Any],
     name: str | None = None,
     *,
     prefer: Literal["ema", "model"] = "ema",
+    config: ModelConfig | None = None,
     **overrides,
 ) -> DiffusionTransformer:
     """Build the model a checkpoint holds and load it strictly; returned in eval mode.
 
-    The architecture comes from, in order: `name` (plus image_size / num_classes recorded in
-    the checkpoint's args), the checkpoint's "config" dict (this project), or the model name
-    in its args (the releases). Explicit `overrides` always win.
+    The architecture is ``config`` when given, else ``checkpoint_config`` decides (``name``,
+    the checkpoint's config, its args, or the state_dict's shapes); ``overrides`` always win.
     """
-    ckpt = load_checkpoint_file(path_or_obj) if isinstance(path_or_obj, (str, os.PathLike)) else path_or_obj
+    source = path_or_obj if isinstance(path_or_obj, (str, os.PathLike)) else None
+    ckpt = load_checkpoint_file(path_or_obj) if source is not None else path_or_obj
     if not isinstance(ckpt, Mapping):
         raise TypeError(f"checkpoint must be a dict, got {type(ckpt).__name__}")
     state_dict = load_state_dict_from_checkpoint(ckpt, prefer=prefer)
-
-    bare = _is_state_dict(ckpt)
-    args_name, hints = (None, {}) if bare else _args_hints(ckpt.get("args"))
-    saved_config = None if bare else ckpt.get("config")
-    if name is not None:
-        config = get_config(name, **{**hints, **overrides})
-    elif isinstance(saved_config, Mapping):
-        config = dataclasses.replace(ModelConfig(**saved_config), **overrides)
-    elif args_name is not None:
-        config = get_config(args_name, **{**hints, **overrides})
-    else:
-        raise ValueError(
-            "cannot tell which model this checkpoint holds (no 'config' or args.model): "
-            "pass name=, e.g. load_model(path, 'sit_xl')"
-        )
+    if config is None:
+        config, _ = checkpoint_config(ckpt, name, source, **overrides)
+    elif name is not None or overrides:
+        raise TypeError("load_model takes either config= or name=/overrides, not both")
     model = DiffusionTransformer(config)
     load_weights(model, state_dict)
     return model.eval()

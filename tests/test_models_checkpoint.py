@@ -41,8 +41,8 @@ def test_bare_state_dict_file(ref, tmp_path):
     model = models.load_model(path, "sit_s", **TINY)
     assert not model.training
     torch.testing.assert_close(sit_output(model, ref), ref["sit_out"], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="pass name="):
-        models.load_model(path)
+    with pytest.raises(ValueError, match="match no registry size.*pass the model name"):
+        models.load_model(path)  # depth 3 / hidden 64 is no registry size: nothing to guess
 
 
 def test_release_layout_with_namespace_args(ref, tmp_path):
@@ -133,3 +133,50 @@ def test_mismatch_errors_name_the_keys(ref, tmp_path):
     model = models.create_model("sit_s", **TINY)
     assert models.describe_mismatch(model, ref["sit_state_dict"]) is None
     models.load_weights(model, ref["sit_state_dict"])
+
+
+# ---- recognising a bare state_dict from its shapes -----------------------------------
+
+
+def _meta_state_dict(name: str, **kw) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):  # shapes only: an XL model without allocating it
+        return models.create_model(name, **kw).state_dict()
+
+
+@pytest.mark.parametrize("filename, name, kw", [
+    ("SiT-XL-2-256.pt", "sit_xl", {}),                                  # the SiT release's file
+    ("DiT-XL-2-256x256.pt", "dit_xl", {}),                              # the DiT release's file
+    ("DiT-XL-2-512x512.pt", "dit_xl", {"input_size": 64}),
+    ("my_sit_b_4_run.pt", "sit_b_4", {"learn_sigma": False, "num_classes": 100}),
+    ("dit-l-8.pt", "dit_l_8", {"in_channels": 8, "mlp_ratio": 2.0}),
+])
+def test_bare_state_dict_is_recognised_from_its_shapes(filename, name, kw):
+    config, how = models.infer_config(_meta_state_dict(name, **kw), filename)
+    assert config == models.get_config(name, **kw)
+    assert models.release_name(name) in how and "recognised from the state_dict's shapes" in how
+
+
+def test_meanflow_weights_are_a_sit_whatever_the_file_name():
+    config, how = models.infer_config(_meta_state_dict("sit_b_4", second_time_input=True, learn_sigma=False),
+                                      "checkpoint.pt")
+    assert config == models.get_config("sit_b_4", second_time_input=True, learn_sigma=False)
+    assert "h_embedder" in how
+
+
+def test_unrecognisable_shapes_list_the_candidates():
+    with pytest.raises(ValueError, match="fit sit_xl or dit_xl.*--model sit_xl or --model dit_xl"):
+        models.infer_config(_meta_state_dict("sit_xl"), "ema_weights.pt")  # the name does not say
+    with pytest.raises(ValueError, match="match no registry size: s .* xl \\(depth 28, hidden 1152\\)"):
+        models.infer_config(_meta_state_dict("sit_xl", depth=20), "SiT.pt")
+    with pytest.raises(ValueError, match="cannot recognise a SiT/DiT"):
+        models.infer_config({"weight": torch.zeros(2)})
+
+
+def test_load_model_of_a_bare_release_file_without_a_name(tmp_path):
+    model = models.create_model("sit_s", input_size=8, num_classes=10)
+    path = tmp_path / "SiT-S-2-64.pt"
+    torch.save(model.state_dict(), path)  # a bare EMA state_dict, as the SiT release ships
+    loaded = models.load_model(path)
+    assert loaded.config == model.config
+    with pytest.raises(TypeError, match="either config= or name="):
+        models.load_model(path, "sit_s", config=model.config)

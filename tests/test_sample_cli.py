@@ -15,9 +15,11 @@ import torch
 
 import models
 from engine.images import make_grid, render_latents, save_npz, to_uint8
-from engine.sample import build_parser, main, sample_images, transport_from
+from engine.cli import config_to_dict
+from engine.config import TrainConfig
+from engine.sample import main, sample_images
 from engine.samplers import Guidance, SamplerConfig
-from engine.transport import PathType, Prediction
+from engine.transport import LossWeight, PathType, Prediction, TransportConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(input_size=8, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)
@@ -129,19 +131,84 @@ def test_wrong_architecture_names_the_keys(tmp_path):
     assert "mis-shaped keys" in message and "pos_embed" in message
 
 
+def test_bare_release_file_needs_no_model_flag(tmp_path, capsys):
+    """The release ships SiT-XL-2-256.pt as a bare EMA state_dict: the command tells the model
+    from the shapes and the file name, and says what it found."""
+    path = tmp_path / "SiT-S-2-64.pt"
+    torch.save(models.create_model("sit_s", input_size=8, num_classes=10).state_dict(), path)
+    run(path, tmp_path / "o", "--num-samples", "1", "--num-steps", "2")
+    assert "model: SiT-S/2 recognised from the state_dict's shapes (depth 12, hidden 384" in capsys.readouterr().out
+    anonymous = tmp_path / "weights.pt"
+    torch.save(torch.load(path, weights_only=True), anonymous)
+    with pytest.raises(ValueError, match="fit sit_s or dit_s"):
+        run(anonymous, tmp_path / "o2", "--num-samples", "1")
+
+
 def test_unknown_sampler_name(sit_ckpt, tmp_path):
     with pytest.raises(ValueError, match="unknown sampler 'heun'.*'ode', 'sde', 'ddpm', 'ddim'"):
         main(["--ckpt", str(sit_ckpt), "--out", str(tmp_path / "o"), "--sampler", "heun"])
 
 
-def test_transport_comes_from_release_args_unless_overridden(tmp_path):
+def test_transport_comes_from_release_args_unless_overridden():
     ckpt = {"args": argparse.Namespace(path_type="GVP", prediction="noise", train_eps=None, sample_eps=None)}
-    cli = build_parser().parse_args(["--ckpt", "x"])
-    cfg = transport_from(ckpt, cli)
+    cfg = TransportConfig.of_checkpoint(ckpt)
     assert cfg.path is PathType.GVP and cfg.prediction is Prediction.NOISE
-    cli = build_parser().parse_args(["--ckpt", "x", "--path-type", "linear", "--prediction", "velocity"])
-    cfg = transport_from(ckpt, cli)
+    cfg = TransportConfig.of_checkpoint(ckpt, path="linear", prediction="velocity")
     assert cfg.path is PathType.LINEAR and cfg.prediction is Prediction.VELOCITY
+
+
+def _project_args(**transport) -> dict:
+    """The ``args`` the trainer writes into its release-format checkpoints."""
+    return {"model": "SiT-S/2", "train_config": config_to_dict(TrainConfig(transport=TransportConfig(**transport)))}
+
+
+def test_transport_reader_order_flags_saved_config_release_args_defaults():
+    saved = _project_args(path="vp", prediction="noise", loss_weight="likelihood", sample_eps=0.002)
+    # this project's saved config beats the release's keys in the same args
+    ckpt = {"args": {**saved, "path_type": "GVP", "prediction": "score"}}
+    cfg = TransportConfig.of_checkpoint(ckpt)
+    assert (cfg.path, cfg.prediction, cfg.loss_weight, cfg.sample_eps) == (
+        PathType.VP, Prediction.NOISE, LossWeight.LIKELIHOOD, 0.002)
+    # flags beat both; asking for velocity drops the saved noise run's loss weight
+    cfg = TransportConfig.of_checkpoint(ckpt, path="gvp", prediction="velocity", sample_eps=None)
+    assert (cfg.path, cfg.prediction, cfg.loss_weight, cfg.sample_eps) == (
+        PathType.GVP, Prediction.VELOCITY, LossWeight.NONE, 0.002)
+    # nothing recorded: the defaults
+    assert TransportConfig.of_checkpoint({"model": {}}) == TransportConfig()
+    assert TransportConfig.of_checkpoint({"args": argparse.Namespace(model="SiT-XL/2")}) == TransportConfig()
+    with pytest.raises(TypeError, match="unknown TransportConfig field"):
+        TransportConfig.of_checkpoint({}, path_type="gvp")
+
+
+def test_project_checkpoint_samples_with_its_trained_transport(tmp_path):
+    """A GVP/noise run of this trainer, sampled with no transport flags == asking for it explicitly."""
+    ckpt = save_ckpt(tmp_path / "gvp.pt", tiny(), args=_project_args(path="gvp", prediction="noise"))
+    common = ("--num-samples", "4", "--seed", "3", "--render", "minmax")
+
+    def images(out: str, *flags: str) -> np.ndarray:
+        with np.load(run(ckpt, tmp_path / out, *common, *flags)["npz"]) as z:
+            return z["arr_0"]
+
+    implicit = images("implicit")
+    explicit = images("explicit", "--transport-path", "gvp", "--transport-prediction", "noise")
+    linear = images("linear", "--transport-path", "linear", "--transport-prediction", "velocity")
+    np.testing.assert_array_equal(implicit, explicit)
+    assert not np.array_equal(implicit, linear)
+    manifest = (tmp_path / "implicit" / "manifest.json").read_text()
+    assert '"path": "gvp"' in manifest and '"prediction": "noise"' in manifest
+
+
+def test_transport_flags_are_spelt_like_training_and_accept_release_spellings(tmp_path, capsys):
+    ckpt = save_ckpt(tmp_path / "sit.pt", tiny())
+    run(ckpt, tmp_path / "a", "--num-samples", "1", "--transport-path", "gvp", "--transport-sample-eps", "0.01")
+    run(ckpt, tmp_path / "b", "--num-samples", "1", "--path-type", "GVP", "--sample-eps", "0.01")
+    assert (tmp_path / "a" / "manifest.json").read_text().replace("/a/", "/b/") == \
+        (tmp_path / "b" / "manifest.json").read_text()
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--transport-path", "--transport-prediction", "--transport-sample-eps", "--path-type"):
+        assert flag in text, flag
 
 
 def test_vae_decoding(tmp_path):
@@ -167,6 +234,20 @@ def test_script_and_module_entry_points(sit_ckpt, tmp_path):
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         assert (out / "grid.png").is_file() and (out / "samples_2x8x8x3.npz").is_file()
+
+
+def test_user_mistakes_are_one_line_not_a_traceback(tmp_path):
+    anonymous = tmp_path / "weights.pt"
+    torch.save(models.create_model("sit_s", input_size=8, num_classes=10).state_dict(), anonymous)
+    for extra, message in ((["--ckpt", str(anonymous)], "fit sit_s or dit_s"),
+                           (["--ckpt", str(tmp_path / "missing.pt")], "No such file"),
+                           (["--ckpt", str(anonymous), "--model", "sit_s", "--num-samples", "0"],
+                            "--num-samples must be >= 1")):
+        proc = subprocess.run([sys.executable, "-m", "engine.sample", *extra, "--out", str(tmp_path / "o")],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
+        assert proc.stderr.startswith("python -m engine.sample: error: ")
 
 
 def _free_port() -> int:
