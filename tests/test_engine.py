@@ -192,13 +192,36 @@ def test_meanflow_trains_on_two_ranks_and_samples_in_one_step(tmp_path):
 def test_literal_sit_xl_command_zero3_bf16_two_ranks(tmp_path):
     """`deepspeed engine/train.py --model sit_xl` on a CPU machine: 2 steps, ZeRO-3, bf16, 2 ranks,
     micro batch 1, synthetic 4x32x32 latents (the full 675M-parameter model)."""
-    run_engine(["--model", "sit_xl", "--zero-stage", "3", "--precision", "bf16", "--micro-batch", "1",
+    proc = run_engine(["--model", "sit_xl", "--zero-stage", "3", "--precision", "bf16", "--micro-batch", "1",
                 "--global-batch", "2", "--max-steps", "2", "--log-every", "1", "--data", "synthetic",
                 "--synthetic-samples", "8", "--sample-count", "1", "--sample-steps", "2",
                 "--loader", "torch", "--num-workers", "0", "--disp-preset", "release",
                 "--results-dir", str(tmp_path)], timeout=1500)
+    assert "SMOKE TEST on 8 random synthetic latents" in proc.stdout  # said in words, not just --print-config
     records = metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2]
     assert all(math.isfinite(r["diffusion_loss"]) and math.isfinite(r["dispersive/block_27"]) for r in records)
     release = torch.load(tmp_path / "checkpoints" / "0000002.pt", map_location="cpu", weights_only=True, mmap=True)
     assert sum(v.numel() for k, v in release["model"].items() if k != "pos_embed") == 675_129_632 - 256 * 1152
+
+
+def test_a_gvp_noise_run_samples_with_its_own_transport(tmp_path):
+    """Trained with --transport-path gvp --transport-prediction noise: sampling its checkpoint
+    with no transport flags gives exactly the samples of asking for gvp/noise."""
+    from engine.sample import main as sample
+
+    run_engine([*COMMON, "--transport-path", "gvp", "--transport-prediction", "noise", "--max-steps", "2",
+                "--results-dir", str(tmp_path / "run")])
+    ckpt = str(tmp_path / "run" / "checkpoints" / "0000002.pt")
+    common = ["--ckpt", ckpt, "--num-samples", "4", "--sampler", "ode", "--method", "euler", "--num-steps", "4",
+              "--no-progress", "--render", "minmax"]
+
+    def images(name: str, *flags: str) -> np.ndarray:
+        with np.load(sample([*common, "--out", str(tmp_path / name), *flags])["npz"]) as z:
+            return z["arr_0"]
+
+    implicit = images("implicit")
+    np.testing.assert_array_equal(implicit, images("explicit", "--transport-path", "gvp",
+                                                   "--transport-prediction", "noise"))
+    assert not np.array_equal(implicit, images("linear", "--transport-path", "linear",
+                                               "--transport-prediction", "velocity"))
