@@ -22,8 +22,12 @@ by the chain rule, which ``average_velocity_jvp`` leaves to autodiff by computin
 
 for rows whose time t lies in ``guidance_interval`` and whose label was kept; ``v_g = v``
 elsewhere (omega = 1, kappa = 0 is plain MeanFlow with no extra forward). Labels are dropped
-to the null class with the model's ``class_dropout_prob``, by this objective (the model's own
-random label dropout is switched off during the calls, so every pass sees the same labels).
+to the null class with the model's ``class_dropout_prob`` p, by this objective (the model's own
+random label dropout is switched off during the calls, so every pass sees the same labels). By
+default as the official code does it (``MeanFlowConfig.label_drop = "leading"``): Binomial(N, p)
+rows are dropped, always the FIRST ones of the batch -- the rows that have r = t -- so the
+r != t rows keep their labels (unless the count exceeds the r = t rows, see ``label_drop``);
+``"per_row"`` drops each row independently. A dropped row's target is unguided (v_g = v).
 Per sample: ``err = ||u - u_tgt||^2`` (summed over C, H, W as the reference does),
 weighted adaptively by ``err / stopgrad((err + c)^p)``; ``loss = mean(weighted) +
 lambda * dispersive`` with the Dispersive Loss on the hidden states of the same forward that
@@ -61,7 +65,7 @@ import contextlib
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Literal, NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Literal, NamedTuple, Sequence, get_args
 
 import torch
 from torch import Tensor
@@ -70,6 +74,8 @@ from .objective import DispersiveConfig, _Base, unwrap_model
 
 Reduction = Literal["sum", "mean"]
 REDUCTIONS: tuple[str, ...] = ("sum", "mean")
+LabelDrop = Literal["leading", "per_row"]
+LABEL_DROPS: tuple[str, ...] = get_args(LabelDrop)
 
 
 # ---------------------------------------------------------------------------------------
@@ -108,6 +114,13 @@ class MeanFlowConfig:
     CFG scale is omega / (1 - kappa)."""
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     """Guide the target only for rows with t_lo <= t <= t_hi (MeanFlow time, 1 = noise)."""
+    label_drop: LabelDrop = "leading"
+    """Which rows lose their label (null class, unguided target) for a model with
+    class_dropout_prob p > 0. "leading", as the official JAX code's cond_drop: the count is
+    Binomial(N, p) (N uniform draws below p) and the FIRST that many rows are dropped -- the r = t
+    rows, which ``sample_times`` puts first (floor(N * r_equals_t) of them), unless the count
+    exceeds those (p = 0.1, r_equals_t = 0.75: probability < 1e-6 for N >= 8 rows per rank).
+    "per_row": every row independently with probability p, r != t rows included."""
     sample_steps: int = 1
     """Sampler steps (network evaluations) for the training sample grids."""
 
@@ -124,6 +137,8 @@ class MeanFlowConfig:
             raise ValueError(f"MeanFlowConfig.adaptive_c must be > 0, got {self.adaptive_c}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"MeanFlowConfig.reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.label_drop not in LABEL_DROPS:
+            raise ValueError(f"MeanFlowConfig.label_drop must be one of {LABEL_DROPS}, got {self.label_drop!r}")
         if self.omega <= 0:
             raise ValueError(f"MeanFlowConfig.omega must be > 0, got {self.omega}")
         if not 0.0 <= self.kappa < 1.0:
@@ -470,17 +485,19 @@ class MeanFlowObjective(_Base):
 
     def sample_inputs(self, model: torch.nn.Module, x: Tensor, generator: torch.Generator | None = None
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """(t, r, noise, keep) drawn in the reference's order: times, then noise, then the label
-        mask (None for a model without a null class). Labels are dropped independently per row
-        with the model's ``class_dropout_prob`` (the reference drops its first k rows, which then
-        always coincide with r = t rows)."""
+        """(t, r, noise, keep) drawn in the reference's order: times, then noise, then N uniforms
+        for the label mask (None for a model without a null class). With the model's
+        ``class_dropout_prob`` p, the rows with a uniform below p are dropped ("per_row"), or as
+        many rows, the first ones -- the r = t rows ("leading", the default and the reference's)."""
         cfg = check_meanflow_model(model)
         n = x.shape[0]
         t, r = sample_times(n, self.config, device=x.device, generator=generator)
         gen_device = generator.device if generator is not None else x.device
         noise = torch.randn(x.shape, generator=generator, device=gen_device, dtype=torch.float32).to(x.device)
-        keep = torch.rand(n, generator=generator, device=gen_device).to(x.device) >= cfg.class_dropout_prob
-        return t, r, noise, (keep if cfg.class_dropout_prob > 0 else None)
+        drop = torch.rand(n, generator=generator, device=gen_device).to(x.device) < cfg.class_dropout_prob
+        if self.config.label_drop == "leading":  # no host sync: the count stays a tensor
+            drop = torch.arange(n, device=x.device) < drop.sum()
+        return t, r, noise, (~drop if cfg.class_dropout_prob > 0 else None)
 
     def __call__(self, model: torch.nn.Module, x: Tensor, y: Tensor, valid: Tensor | None = None,
                  generator: torch.Generator | None = None) -> dict[str, Tensor]:
@@ -602,32 +619,65 @@ class MeanFlowPreset(NamedTuple):
     meanflow: MeanFlowConfig
     """The objective's settings."""
     train: dict[str, Any]
-    """TrainConfig overrides, nested like it: {"optim": {...}, "global_batch": ..., "ema_decay": ...}."""
+    """TrainConfig overrides, nested like it: {"optim": {...}, "global_batch": ..., "ema_decay": ...,
+    "max_steps": ...} (the recipe's epochs at batch 256)."""
 
 
+# Every value below was checked against stored public code; the paper's own configuration table
+# (arXiv 2505.13447, Table 4) could not be reached from here, so a value is kept only where the
+# code or launch scripts give it:
+#   [O] the official JAX code, Gsunshine/meanflow (not stored under that name; read through the
+#       copy rese1f/meanflow, whose README is the official one's): configs/default.py,
+#       configs/run_b4.yml, meanflow.py, train.py, README.md
+#   [Z] zhuyu-cs/MeanFlow README.md (a version with one launch command per model, "based on the
+#       hyperparameters from the original paper": meanflow_b_4 ... meanflow_xl_2_plus)
+#   [F] NVlabs/FastGen fastgen/configs/experiments/DiT/config_mf_b.py and config_mf_xl.py (found
+#       by content; the path is the one FastGen's method README and config_mf_xl's import give)
+#   [A] snap-research/alphaflow infra/experiments/experiments-alphaflow.yaml (its MeanFlow runs)
+# Shared by all presets:
+#   t, r ~ logit-normal(-0.4, 1.0), sorted ........ [O] default.py P_mean/P_std, meanflow.py sample_tr; [Z]; [F] b
+#   r = t on 75% of rows (paper: 25% r != t) ...... [O] default.py data_proportion; [Z]; [F] b flow_matching_ratio
+#   adaptive weight p = 1, c = 0.01, on the per-sample SUM over (C, H, W)
+#                                                   [O] default.py norm_p/norm_eps, meanflow.py; [Z] p
+#   label dropout 0.1, on the leading (r = t) rows  [O] default.py class_dropout_prob, meanflow.py cond_drop;
+#                                                   [F] mean_flow.py _drop_condition; [A] label_dropout
+#   Adam b1 0.9, b2 0.95, no weight decay, lr 1e-4 constant, no warm-up
+#                                                   [O] train.py optax.adamw(weight_decay=0, b2), default.py; [F] b; [A]
+#   batch 256, EMA 0.9999 ......................... [O] default.py; [Z]; [A]
+#   length: epochs * 5004 steps (1,281,167 ImageNet-1k training images // 256)
+# Guidance and length per preset (effective CFG scale omega / (1 - kappa)):
+#   meanflow_b_4:       SiT-B/4, omega 1.0, kappa 0.5, t in [0, 1] (2.0) -- [O] default.py, which run_b4.yml
+#                       leaves as is; 80 epochs, the paper's ablation length ([O] README gives the paper's B/4
+#                       FIDs "@80ep"; [Z]; [A] B-4 400k steps), though [O] run_b4.yml itself trains 240.
+#                       ([Z] launches B/4 with omega 3.0, kappa 0: Table 1f's best plain-CFG scale.)
+#   meanflow_xl_2:      SiT-XL/2, omega 0.2, kappa 0.92, t in [0, 0.75] (2.5), 240 epochs, the 1-NFE
+#                       recipe -- [Z] meanflow_xl_2; [F] config_mf_xl.py guidance_scale/mixture_ratio/t_end;
+#                       [A] XL-2 cfg-training (t_min 0.0, t_max 0.75, 1.2M steps).
+#   meanflow_xl_2_plus: SiT-XL/2, omega 1.0, kappa 0.5, t in [0.3, 0.8] (2.0), 1000 epochs -- [Z]
+#                       meanflow_xl_2_plus only ([O], [F], [A] have no XL/2+ run).
+_STEPS_PER_EPOCH = 1_281_167 // 256
 _TRAIN = {"optim": {"lr": 1e-4, "betas": (0.9, 0.95), "weight_decay": 0.0, "warmup_steps": 0},
           "global_batch": 256, "ema_decay": 0.9999}
 _MODEL = {"second_time_input": True, "learn_sigma": False, "class_dropout_prob": 0.1}
 
-# Shared by both: logit-normal(-0.4, 1.0) for t and r, 25% of rows with r != t, adaptive weight
-# p = 1, c = 0.01 on the per-sample SUM of squares, label dropout 0.1, Adam (0.9, 0.95), lr 1e-4
-# constant, batch 256, EMA 0.9999. Guidance:
-#   B/4:  omega 1.0, kappa 0.5 on all t (effective scale 2.0): the defaults of the authors' JAX
-#         release (its B/4 config overrides none of them).
-#   XL/2: omega 0.2, kappa 0.92, t in [0.3, 0.8] (effective scale 2.5): the 1-NFE XL/2 recipe as
-#         written in public reproductions' launch scripts and, as we recall it, the paper's
-#         configuration table (not checked against the paper text here: verify before a long run).
+
+def _recipe(model: str, epochs: int, **guidance: Any) -> MeanFlowPreset:
+    train = {**_TRAIN, "max_steps": epochs * _STEPS_PER_EPOCH}
+    return MeanFlowPreset(model, _MODEL, MeanFlowConfig(**guidance), train)
+
+
 _PRESETS: dict[str, MeanFlowPreset] = {
-    "meanflow_b_4": MeanFlowPreset("sit_b_4", _MODEL, MeanFlowConfig(omega=1.0, kappa=0.5), _TRAIN),
-    "meanflow_xl_2": MeanFlowPreset("sit_xl", _MODEL, MeanFlowConfig(omega=0.2, kappa=0.92,
-                                                                      guidance_interval=(0.3, 0.8)), _TRAIN),
+    "meanflow_b_4": _recipe("sit_b_4", 80, omega=1.0, kappa=0.5),
+    "meanflow_xl_2": _recipe("sit_xl", 240, omega=0.2, kappa=0.92, guidance_interval=(0.0, 0.75)),
+    "meanflow_xl_2_plus": _recipe("sit_xl", 1000, omega=1.0, kappa=0.5, guidance_interval=(0.3, 0.8)),
 }
 MEANFLOW_PRESETS: tuple[str, ...] = tuple(_PRESETS)
 
 
 def meanflow_preset(name: str) -> MeanFlowPreset:
-    """``meanflow_b_4`` (SiT-B/4) or ``meanflow_xl_2`` (SiT-XL/2); '-' and '/' read as '_'."""
-    key = str(name).strip().lower().replace("-", "_").replace("/", "_")
+    """``meanflow_b_4`` (SiT-B/4), ``meanflow_xl_2`` or ``meanflow_xl_2_plus`` (SiT-XL/2, the
+    paper's XL/2+); '-', '/' and '+' read as '_' ('MeanFlow-XL/2+' is meanflow_xl_2_plus)."""
+    key = str(name).strip().lower().replace("-", "_").replace("/", "_").replace("+", "_plus")
     if key not in _PRESETS:
         raise ValueError(f"unknown MeanFlow preset {name!r}; valid: {', '.join(MEANFLOW_PRESETS)}")
     p = _PRESETS[key]
@@ -637,7 +687,7 @@ def meanflow_preset(name: str) -> MeanFlowPreset:
 
 
 __all__ = [
-    "MEANFLOW_PRESETS", "MeanFlowConfig", "MeanFlowObjective", "MeanFlowPreset", "adaptive_weighted",
+    "LABEL_DROPS", "MEANFLOW_PRESETS", "MeanFlowConfig", "MeanFlowObjective", "MeanFlowPreset", "adaptive_weighted",
     "average_velocity_jvp", "build_meanflow_objective", "check_meanflow_model", "gathered_parameters",
     "guided_velocity", "jvp_attention", "labels_as_given", "plain_linear", "meanflow_preset", "meanflow_target",
     "meanflow_times", "meanflow_velocity_fn", "sample_meanflow", "sample_times",

@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
 
 from engine.cli import add_config_arguments, apply_overrides, config_from_dict, config_to_dict, overrides_from_args
 from engine.config import TrainConfig
+from engine.meanflow import MEANFLOW_PRESETS, meanflow_preset
 from engine.objective import DispersiveConfig
 
 
@@ -31,9 +32,10 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
                         help="Dispersive Loss preset: release (the default: lambda 0.25, tau 1, last "
                              "block), paper (lambda 0.5, tau 0.5, block depth//4) or none (the baseline); "
                              "--disp-* flags override it")
-    parser.add_argument("--meanflow-preset", choices=["meanflow_b_4", "meanflow_xl_2"],
+    parser.add_argument("--meanflow-preset", choices=MEANFLOW_PRESETS,
                         help="MeanFlow one-step training with the published recipe (model, objective, "
-                             "Adam beta2 0.95, lr 1e-4, batch 256, EMA 0.9999); other flags override it")
+                             "Adam beta2 0.95, lr 1e-4, batch 256, EMA 0.9999, the run length in steps); "
+                             "other flags override it")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by launchers
     add_config_arguments(parser, TrainConfig)
@@ -59,10 +61,10 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
 
 
 def _apply_meanflow_preset(cfg: TrainConfig, name: str) -> TrainConfig:
-    from engine.meanflow import meanflow_preset
-
     preset = meanflow_preset(name)
     flat: dict[tuple[str, ...], object] = {("objective",): "meanflow", ("model", "name"): preset.model}
+    if "class_dropout_prob" in preset.model_overrides:  # the others follow from --objective meanflow
+        flat[("model", "class_dropout_prob")] = preset.model_overrides["class_dropout_prob"]
     for key, value in preset.train.items():  # nested like TrainConfig
         if isinstance(value, dict):
             flat.update({(key, k): v for k, v in value.items()})

@@ -322,6 +322,81 @@ def test_label_dropout_is_the_objectives_own(rng):
     assert model.y_embedder.dropout_prob == 0.5  # restored
 
 
+def test_label_drop_default_is_the_leading_r_equals_t_rows():
+    """The official code's cond_drop (the default): Binomial(N, p) rows lose their label, always the
+    first ones -- the r = t rows sample_times puts first -- so no r != t row (no JVP) is ever
+    conditioned on the null class; over many draws the rate is p of the whole batch."""
+    model = tiny_model(class_dropout_prob=0.1)
+    objective = MeanFlowObjective()
+    n, draws = 64, 200
+    same = int(n * objective.config.r_equals_t)
+    x = torch.zeros(n, 4, 8, 8)
+    counts = []
+    for seed in range(draws):
+        t, r, _, keep = objective.sample_inputs(model, x, torch.Generator().manual_seed(seed))
+        k = int((~keep).sum())
+        assert (~keep).equal(torch.arange(n) < k)  # the leading k rows ...
+        assert (t[~keep] == r[~keep]).all() and keep[same:].all()  # ... all r = t; r != t rows keep theirs
+        counts.append(k)
+    assert len(set(counts)) > 3  # a random count, not a fixed fraction
+    assert sum(counts) / (draws * n) == pytest.approx(0.1, abs=0.01)
+    assert objective.config.label_drop == "leading"
+
+
+def test_label_drop_per_row_option():
+    """label_drop="per_row": each row is dropped when its own uniform is below p, r != t rows
+    included; the times, the noise and the uniforms are the default's draws (same count dropped)."""
+    model = tiny_model(class_dropout_prob=0.1)
+    objective = MeanFlowObjective(config=MeanFlowConfig(label_drop="per_row"))
+    n = 4000
+    x = torch.zeros(n, 4, 8, 8)
+    t, r, noise, keep = objective.sample_inputs(model, x, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)  # the documented order: (t, r), noise, then N uniforms
+    torch.randn(2, n, generator=g), torch.randn(x.shape, generator=g)
+    assert keep.equal(torch.rand(n, generator=g) >= 0.1)
+    t0, r0, noise0, keep0 = MeanFlowObjective().sample_inputs(model, x, torch.Generator().manual_seed(0))
+    assert t0.equal(t) and r0.equal(r) and noise0.equal(noise) and int((~keep0).sum()) == int((~keep).sum())
+    flow_map = t > r  # the 25% of rows with r != t
+    assert (~keep).float().mean().item() == pytest.approx(0.1, abs=0.015)
+    assert (~keep[flow_map]).float().mean().item() == pytest.approx(0.1, abs=0.03)
+
+
+def test_guided_targets_use_the_dropped_labels(rng):
+    """With the default dropping, fixed seed: the dropped rows are r = t rows with the null label and
+    the unguided target v; kept rows inside the guidance interval get omega v + kappa u(.|y) +
+    (1 - omega - kappa) u(.|null) with their true label y, also as the JVP tangent of the r != t
+    rows, whose labels are all kept; rows outside the interval get v. The loss is recomputed here."""
+    model = tiny_model(class_dropout_prob=0.5).eval()
+    x, y = batch(rng, n=8)
+    cfg = MeanFlowConfig(omega=0.2, kappa=0.92, guidance_interval=(0.0, 0.75), adaptive_c=0.5)
+    objective = MeanFlowObjective(config=cfg)
+    t, r, noise, keep = objective.sample_inputs(model, x, torch.Generator().manual_seed(16))
+    same = int(8 * cfg.r_equals_t)  # rows 0..5 have r = t
+    assert keep.tolist() == [False] * 4 + [True] * 4  # seed 16: four dropped, the first four
+    assert (t[:same] == r[:same]).all() and (t[same:] > r[same:]).all()
+    guided = keep & (t <= 0.75)
+    assert guided[:same].any() and guided[same:].all() and (keep & ~guided).any()  # every case is present
+    null = torch.full_like(y, 10)
+    tt = t.view(-1, 1, 1, 1)
+    z, v = (1 - tt) * x + tt * noise, noise - x
+    with torch.no_grad():
+        h0 = torch.zeros(8)
+        u_c, u_u = model(z, t, y, h=h0), model(z, t, null, h=h0)
+    v_g = torch.where(guided.view(-1, 1, 1, 1), 0.2 * v + 0.92 * u_c + (1 - 0.2 - 0.92) * u_u, v)
+    y_in = torch.where(keep, y, null)
+    got = guided_velocity(model, z, t, y_in, v, keep, cfg)
+    torch.testing.assert_close(got[~keep], v[~keep], rtol=0, atol=0)  # dropped: unguided
+    torch.testing.assert_close(got, v_g, rtol=1e-5, atol=1e-5)
+    u_tgt = torch.cat([v_g[:same], meanflow_target(model, z[same:], r[same:], t[same:], y[same:], v_g[same:])])
+    with torch.no_grad():
+        u = model(z, t, y_in, h=t - r)
+    err = ((u - u_tgt) ** 2).sum(dim=(1, 2, 3))
+    for rows in (same, 0):  # with and without the promise that the first rows have r = t
+        out = objective.compute(model, x, y, t, r, noise, keep=keep, same_rows=rows)
+        torch.testing.assert_close(out["mf_error"], err.mean(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["diffusion_loss"], (err / (err + 0.5)).mean(), rtol=1e-5, atol=1e-6)
+
+
 def test_sample_times_distribution():
     cfg = MeanFlowConfig()
     n = 40_000
@@ -347,7 +422,7 @@ def test_model_checks():
 def test_config_validation():
     for bad in (dict(time_std=0.0), dict(r_equals_t=1.5), dict(adaptive_c=0.0), dict(adaptive_p=-1.0),
                 dict(kappa=1.0), dict(omega=0.0), dict(guidance_interval=(0.8, 0.2)), dict(reduction="max"),
-                dict(sample_steps=0), dict(time_mean=math.nan)):
+                dict(sample_steps=0), dict(time_mean=math.nan), dict(label_drop="first")):
         with pytest.raises(ValueError):
             MeanFlowConfig(**bad)
     assert MeanFlowConfig(omega=0.2, kappa=0.92).effective_scale == pytest.approx(2.5)
@@ -368,30 +443,55 @@ def test_config_is_a_command_line_section():
 
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, Holder)
-    args = parser.parse_args(["--mf-omega", "0.2", "--mf-kappa", "0.92", "--mf-guidance-interval", "0.3", "0.8",
-                              "--mf-reduction", "mean", "--mf-sample-steps", "2"])
+    args = parser.parse_args(["--mf-omega", "0.2", "--mf-kappa", "0.92", "--mf-guidance-interval", "0.0", "0.75",
+                              "--mf-reduction", "mean", "--mf-sample-steps", "2", "--mf-label-drop", "per_row"])
     cfg = apply_overrides(Holder(), overrides_from_args(args))
-    assert cfg.meanflow == MeanFlowConfig(omega=0.2, kappa=0.92, guidance_interval=(0.3, 0.8), reduction="mean",
-                                          sample_steps=2)
+    assert cfg.meanflow == MeanFlowConfig(omega=0.2, kappa=0.92, guidance_interval=(0.0, 0.75), reduction="mean",
+                                          sample_steps=2, label_drop="per_row")
     assert config_from_dict(Holder, config_to_dict(cfg)) == cfg
+    with pytest.raises(SystemExit):  # a Literal field: argparse checks the choice
+        parser.parse_args(["--mf-label-drop", "first"])
+    # and the trainer's own config has the flag, with no change outside engine/meanflow.py
+    from engine.config import TrainConfig
+
+    train_parser = argparse.ArgumentParser()
+    add_config_arguments(train_parser, TrainConfig)
+    train_args = train_parser.parse_args(["--mf-label-drop", "per_row"])
+    assert apply_overrides(TrainConfig(), overrides_from_args(train_args)).meanflow.label_drop == "per_row"
+    assert TrainConfig().meanflow.label_drop == "leading"
 
 
 def test_presets():
-    assert MEANFLOW_PRESETS == ("meanflow_b_4", "meanflow_xl_2")
+    """The recipes of engine/meanflow.py's source table: XL/2 is the 1-NFE recipe (omega 0.2, kappa
+    0.92 on t in [0, 0.75]); [0.3, 0.8] belongs to XL/2+ (omega 1.0, kappa 0.5); lengths in epochs."""
+    steps_per_epoch = 1_281_167 // 256
+    xl = meanflow_preset("MeanFlow-XL/2")
+    guidance = lambda m: (m.omega, m.kappa, m.guidance_interval)  # noqa: E731
+    assert guidance(xl.meanflow) == (0.2, 0.92, (0.0, 0.75)) and xl.meanflow.effective_scale == pytest.approx(2.5)
+    assert MEANFLOW_PRESETS == ("meanflow_b_4", "meanflow_xl_2", "meanflow_xl_2_plus")
     name, overrides, mf, train = meanflow_preset("meanflow_b_4")
     assert name == "sit_b_4" and overrides == {"second_time_input": True, "learn_sigma": False,
                                                 "class_dropout_prob": 0.1}
-    assert (mf.time_mean, mf.time_std, mf.r_equals_t, mf.adaptive_p, mf.adaptive_c) == (-0.4, 1.0, 0.75, 1.0, 0.01)
-    assert (mf.omega, mf.kappa, mf.effective_scale) == (1.0, 0.5, 2.0)
-    assert train == {"optim": {"lr": 1e-4, "betas": (0.9, 0.95), "weight_decay": 0.0, "warmup_steps": 0},
-                     "global_batch": 256, "ema_decay": 0.9999}
-    xl = meanflow_preset("MeanFlow-XL/2")
-    assert xl.model == "sit_xl" and xl.meanflow.guidance_interval == (0.3, 0.8)
-    assert xl.meanflow.effective_scale == pytest.approx(2.5)
+    shared = (-0.4, 1.0, 0.75, 1.0, 0.01, "sum", "leading")
+    fields = lambda m: (m.time_mean, m.time_std, m.r_equals_t, m.adaptive_p, m.adaptive_c, m.reduction,  # noqa: E731
+                        m.label_drop)
+    assert fields(mf) == shared
+    assert guidance(mf) == (1.0, 0.5, (0.0, 1.0)) and mf.effective_scale == 2.0
+    base_train = {"optim": {"lr": 1e-4, "betas": (0.9, 0.95), "weight_decay": 0.0, "warmup_steps": 0},
+                  "global_batch": 256, "ema_decay": 0.9999}
+    assert train == {**base_train, "max_steps": 80 * steps_per_epoch}
+    plus = meanflow_preset("MeanFlow-XL/2+")
+    assert xl.model == plus.model == "sit_xl" and xl.model_overrides == plus.model_overrides == overrides
+    assert guidance(plus.meanflow) == (1.0, 0.5, (0.3, 0.8)) and plus.meanflow.effective_scale == 2.0
+    assert fields(xl.meanflow) == fields(plus.meanflow) == shared
+    assert xl.train == {**base_train, "max_steps": 240 * steps_per_epoch}
+    assert plus.train == {**base_train, "max_steps": 1000 * steps_per_epoch}
+    assert meanflow_preset("meanflow_xl_2+") == plus
     train["optim"]["lr"] = 1.0  # a copy: the table is untouched
     assert meanflow_preset("meanflow_b_4").train["optim"]["lr"] == 1e-4
     cfg = models.get_config(name, **overrides)
     assert cfg.patch_size == 4 and cfg.second_time_input and not cfg.learn_sigma
+    assert models.get_config(xl.model, **xl.model_overrides).patch_size == 2
     with pytest.raises(ValueError, match="meanflow_b_4"):
         meanflow_preset("meanflow_l_2")
 
