@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
+from itertools import accumulate, repeat
 from typing import Callable, Sequence
 
 import numpy as np
@@ -97,22 +98,25 @@ class DiffusionConfig:
 
 
 def space_timesteps(num_timesteps: int, spec: str | int | Sequence[int]) -> list[int]:
-    """The original steps to keep, sorted.
+    """The original steps to keep, sorted; the same steps as DiT's ``space_timesteps``.
 
-    spec: an int or "K" -> K steps spread evenly (rounded) over [0, T-1], ends included;
-    "K1,K2,..." -> the T steps cut into equal sections, K_i evenly spaced steps in section i;
-    "ddimK" -> the integer stride s with len(range(0, T, s)) == K (DDIM's spacing).
+    spec: an int or "K" -> K steps over [0, T-1], ends included; "K1,K2,..." -> the T steps
+    cut into len(counts) sections (the first T % len(counts) one step longer), K_i steps
+    from section i; "ddimK" -> every s-th step from 0, for the smallest integer stride s in
+    1..T-1 that gives exactly K steps (the strides DiT tries; ValueError when none does).
+
+    Within a section of ``size`` steps, K > 1 steps sit at offsets round(o) for o = 0, d,
+    d + d, ... with d = (size - 1) / (K - 1): the offsets are running float sums, as in DiT,
+    not j * d, and the two round differently for some counts (21 of 1000 keeps step 499 this
+    way, 500 the other). Python's round (halves to even) throughout. K = 1 keeps the
+    section's first step.
     """
     if isinstance(spec, int) and not isinstance(spec, bool):
         counts = [spec]
     elif isinstance(spec, str):
         text = spec.strip().lower()
         if text.startswith("ddim"):
-            want = int(text[4:])
-            for stride in range(1, num_timesteps + 1):
-                if len(range(0, num_timesteps, stride)) == want:
-                    return list(range(0, num_timesteps, stride))
-            raise ValueError(f"no integer stride gives exactly {want} of {num_timesteps} steps")
+            return _ddim_steps(num_timesteps, text[4:], spec)
         try:
             counts = [int(part) for part in text.split(",")]
         except ValueError:
@@ -131,9 +135,29 @@ def space_timesteps(num_timesteps: int, spec: str | int | Sequence[int]) -> list
         if count > size:
             raise ValueError(f"cannot take {count} steps from a section of {size} steps")
         stride = (size - 1) / (count - 1) if count > 1 else 1.0
-        kept += [start + round(j * stride) for j in range(count)]
+        offsets = accumulate(repeat(stride, count - 1), initial=0.0)  # 0, d, d + d, ...
+        kept += [start + round(o) for o in offsets]
         start += size
     return sorted(set(kept))
+
+
+def _ddim_steps(num_timesteps: int, count_text: str, spec: str) -> list[int]:
+    """range(0, T, s) for the smallest stride s in 1..T-1 giving int(count_text) steps."""
+    try:
+        want = int(count_text)
+    except ValueError:
+        raise ValueError(f"bad timestep respacing {spec!r}: 'ddimK' needs an integer K") from None
+    lengths = {stride: len(range(0, num_timesteps, stride)) for stride in range(1, num_timesteps)}
+    for stride, length in lengths.items():
+        if length == want:
+            return list(range(0, num_timesteps, stride))
+    lower = max((n for n in lengths.values() if n < want), default=None)
+    higher = min((n for n in lengths.values() if n > want), default=None)
+    near = " or ".join(f"ddim{n}" for n in (lower, higher) if n is not None)
+    raise ValueError(
+        f"{spec!r}: no integer stride in 1..{num_timesteps - 1} keeps exactly {want} of "
+        f"{num_timesteps} steps" + (f" (nearest that exist: {near})" if near else "")
+    )
 
 
 # ---------------------------------------------------------------------------------------

@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(dopri5) for SiT, ddpm (250 steps) for DiT")
     p.add_argument("--method", default=None, help=f"ODE: {_names(ODEMethod)}; SDE: {_names(SDEMethod)}")
     p.add_argument("--num-steps", type=int, default=None,
-                   help="SiT: grid points (default 50); DiT: respaced steps (default 250)")
+                   help="SiT ODE/SDE: grid points (default 250, as the SiT release; dopri5 adapts its own "
+                   "steps); DiT: respaced steps (default 250); MeanFlow: network evaluations (default 1)")
     p.add_argument("--atol", type=float, default=1e-6)
     p.add_argument("--rtol", type=float, default=1e-3)
     p.add_argument("--diffusion-form", default="sigma", help=f"SDE: {_names(DiffusionForm)}")
@@ -262,9 +263,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         family = cfg.family
 
         kind = args.sampler or ("meanflow" if cfg.second_time_input else SamplerConfig.default_for(family).kind)
-        steps = args.num_steps or (1 if kind == "meanflow" else 50 if family == "sit" else 250)
-        sampler = SamplerConfig(
-            kind=kind, method=args.method, num_steps=steps, atol=args.atol, rtol=args.rtol,
+        sampler = SamplerConfig(  # num_steps None: the sampler's own default (SamplerConfig.default_steps)
+            kind=kind, method=args.method, num_steps=args.num_steps, atol=args.atol, rtol=args.rtol,
             diffusion_form=args.diffusion_form, diffusion_norm=args.diffusion_norm,
             last_step=args.last_step, last_step_size=args.last_step_size, eta=args.eta,
             clip_denoised=args.clip_denoised, respacing=args.respacing)

@@ -7,7 +7,11 @@ shape (N, C, H, W) and t of shape (N,) in the model's own time: flow time in [0,
 
 SiT grids follow the release: ``num_steps`` is the number of grid points
 ``linspace(t0, t1, num_steps)``, so the fixed-step ODE methods take num_steps - 1 steps;
-the SDE takes num_steps - 1 stochastic steps and one last step from t1 to 1.
+the SDE takes num_steps - 1 stochastic steps and one last step from t1 to 1. Every ODE
+method runs through torchdiffeq's ``odeint``, as the SiT release's sampler does, so the
+fixed-grid methods are the release's own arithmetic. Default step counts have one owner,
+``SamplerConfig.default_steps``: 250 (the SiT and DiT sample scripts' default) for every
+sampler but MeanFlow's (1).
 """
 
 from __future__ import annotations
@@ -36,11 +40,18 @@ class SamplerKind(str, Enum):
 
 
 class ODEMethod(str, Enum):
+    """ODE solvers, each torchdiffeq's method of the name in ``_ODEINT_METHOD`` (the name the
+    SiT release passes to odeint as ``--sampling-method``)."""
+
     EULER = "euler"
     MIDPOINT = "midpoint"
-    HEUN = "heun"  # explicit trapezoid (Heun's 2nd order)
-    RK4 = "rk4"  # classical 4th-order Runge-Kutta
-    DOPRI5 = "dopri5"  # adaptive Dormand-Prince 5(4), through torchdiffeq
+    HEUN = "heun"  # explicit trapezoid (Heun's 2nd order): torchdiffeq's "heun2"
+    RK4 = "rk4"  # torchdiffeq's fixed-grid "rk4": Kutta's 3/8-rule 4th order, not the classical 1/6-1/3 form
+    DOPRI5 = "dopri5"  # adaptive Dormand-Prince 5(4)
+
+
+_ODEINT_METHOD = {ODEMethod.EULER: "euler", ODEMethod.MIDPOINT: "midpoint", ODEMethod.HEUN: "heun2",
+                  ODEMethod.RK4: "rk4", ODEMethod.DOPRI5: "dopri5"}
 
 
 class SDEMethod(str, Enum):
@@ -171,6 +182,13 @@ def randn_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
 
 
+def _progress_bar(n: int, desc: str):
+    """A tqdm bar of n steps, advanced by the caller (``update()``); close it when done."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=n, desc=desc, leave=False)
+
+
 def _steps(n: int, progress: bool, desc: str):
     if not progress:
         return range(n)
@@ -203,15 +221,22 @@ def velocity_fn(model_fn: ModelFn, transport: Transport) -> Callable[[Tensor, Te
 
 @torch.no_grad()
 def sample_ode(model_fn: ModelFn, x0: Tensor, transport: Transport | TransportConfig | None = None, *,
-               method: ODEMethod | str = ODEMethod.DOPRI5, num_steps: int = 50, atol: float = 1e-6,
+               method: ODEMethod | str = ODEMethod.DOPRI5, num_steps: int | None = None, atol: float = 1e-6,
                rtol: float = 1e-3, reverse: bool = False, progress: bool = False) -> Tensor:
     """Integrate the interpolant's ODE from noise x0 at t0 to data at t1 (or back, ``reverse``).
 
-    Fixed-step methods walk the grid linspace(t0, t1, num_steps); dopri5 adapts its steps to
-    atol/rtol and returns the value at t1. Returns the final state (N, C, H, W).
+    As the SiT release: torchdiffeq's ``odeint`` with the method's torchdiffeq name
+    (``ODEMethod``). Fixed-step methods step exactly on the grid linspace(t0, t1, num_steps)
+    (default ``SamplerConfig.default_steps("ode")``; atol/rtol unused); dopri5 adapts its
+    steps to atol/rtol and returns the value at t1 (the grid's inner points would only be
+    interpolated outputs, so they are not asked for: the result is the same). Returns the
+    final state (N, C, H, W); the intermediate states are not kept.
     """
+    from torchdiffeq import odeint
+
     transport = transport if isinstance(transport, Transport) else Transport(transport)
     method = parse_choice(ODEMethod, method, "ODE method")
+    num_steps = SamplerConfig.default_steps(SamplerKind.ODE) if num_steps is None else num_steps
     _check_steps(num_steps)
     t0, t1 = transport.config.interval(CheckMode.ODE)
     grid = _time_grid(t0, t1, num_steps, x0)
@@ -220,41 +245,30 @@ def sample_ode(model_fn: ModelFn, x0: Tensor, transport: Transport | TransportCo
     f = velocity_fn(model_fn, transport)
     n = x0.shape[0]
 
-    def at(t: Tensor) -> Tensor:
-        return torch.ones(n, device=x0.device, dtype=grid.dtype) * t  # (N,)
+    def rhs(t: Tensor, x: Tensor) -> Tensor:
+        return f(x, torch.ones(n, device=x.device, dtype=grid.dtype) * t)  # t: (N,)
 
+    ends = grid[[0, -1]]  # odeint's output times: only the final state is wanted
     if method is ODEMethod.DOPRI5:
-        from torchdiffeq import odeint
-
         options = None
         if transport.config.path is PathType.VP:
             # Adaptive steps may overshoot the last output time and interpolate back; past
             # t = 1 the VP path has alpha > 1 and sigma = NaN, so make the steps end at t1.
             options = {"step_t": grid[-1:]}
-        return odeint(lambda t, x: f(x, at(t)), x0, grid, method="dopri5", atol=atol, rtol=rtol,
-                      options=options)[-1]
+        # tolerances as one-element lists, as the release passes them: its error norm then
+        # rounds as the release's does (plain floats land ~2e-7 away on the fixture model)
+        return odeint(rhs, x0, ends, method="dopri5", atol=[atol], rtol=[rtol], options=options)[-1]
 
-    x = x0
-    for i in _steps(num_steps - 1, progress, f"ode-{method.value}"):
-        ta, dt = grid[i], grid[i + 1] - grid[i]
-        if method is ODEMethod.EULER:
-            x = x + dt * f(x, at(ta))
-        elif method is ODEMethod.MIDPOINT:
-            half = 0.5 * dt
-            k1 = f(x, at(ta))
-            x = x + dt * f(x + half * k1, at(ta + half))
-        elif method is ODEMethod.HEUN:
-            k1 = f(x, at(ta))
-            k2 = f(x + dt * k1, at(ta + dt))
-            x = x + 0.5 * dt * (k1 + k2)
-        else:  # RK4
-            half = 0.5 * dt
-            k1 = f(x, at(ta))
-            k2 = f(x + half * k1, at(ta + half))
-            k3 = f(x + half * k2, at(ta + half))
-            k4 = f(x + dt * k3, at(ta + dt))
-            x = x + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-    return x
+    # The fixed-grid solver steps on every point of ``grid`` and reports only the ends.
+    options = {"grid_constructor": lambda func, y0, t: grid}
+    bar = _progress_bar(num_steps - 1, f"ode-{method.value}") if progress else None
+    if bar is not None:
+        rhs.callback_step = lambda t0, y0, dt: bar.update()  # torchdiffeq calls it once per step
+    try:
+        return odeint(rhs, x0, ends, method=_ODEINT_METHOD[method], atol=atol, rtol=rtol, options=options)[-1]
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -264,19 +278,21 @@ def sample_ode(model_fn: ModelFn, x0: Tensor, transport: Transport | TransportCo
 
 @torch.no_grad()
 def sample_sde(model_fn: ModelFn, x0: Tensor, transport: Transport | TransportConfig | None = None, *,
-               method: SDEMethod | str = SDEMethod.EULER, num_steps: int = 250,
+               method: SDEMethod | str = SDEMethod.EULER, num_steps: int | None = None,
                diffusion_form: DiffusionForm | str = DiffusionForm.SIGMA, diffusion_norm: float = 1.0,
                last_step: LastStep | str | None = LastStep.MEAN, last_step_size: float = 0.04,
                generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
     """dx = [v + w(t) score] dt + sqrt(2 w(t)) dW from noise x0 at t0 towards data at t = 1.
 
-    num_steps - 1 stochastic steps on linspace(t0, t1, num_steps), then the last step
-    (``LastStep``) from t1 over ``last_step_size``. Returns the final state.
+    num_steps - 1 stochastic steps on linspace(t0, t1, num_steps) (default
+    ``SamplerConfig.default_steps("sde")``), then the last step (``LastStep``) from t1 over
+    ``last_step_size``. Returns the final state.
     """
     transport = transport if isinstance(transport, Transport) else Transport(transport)
     method = parse_choice(SDEMethod, method, "SDE method")
     last = parse_choice(LastStep, "none" if last_step is None else last_step, "SDE last step")
     form = parse_choice(DiffusionForm, diffusion_form, "diffusion form")
+    num_steps = SamplerConfig.default_steps(SamplerKind.SDE) if num_steps is None else num_steps
     _check_steps(num_steps)
     if last is LastStep.NONE:
         last_step_size = 0.0
@@ -385,9 +401,10 @@ class SamplerConfig:
     """"ode" or "sde" (SiT models), "ddpm" or "ddim" (DiT models)."""
     method: ODEMethod | SDEMethod | None = None
     """ODE: euler, midpoint, heun, rk4, dopri5 (default); SDE: euler (default), heun."""
-    num_steps: int = 50
+    num_steps: int | None = None
     """SiT: grid points (adaptive dopri5 ignores it); DiT: respaced steps (default
-    respacing str(num_steps), e.g. 250 as DiT samples)."""
+    respacing str(num_steps)); MeanFlow: model evaluations. None (the default) resolves to
+    ``default_steps(kind)`` when the config is built, so it is always an int afterwards."""
     atol: float = 1e-6
     rtol: float = 1e-3
     diffusion_form: DiffusionForm = DiffusionForm.SIGMA
@@ -410,6 +427,8 @@ class SamplerConfig:
             object.__setattr__(self, "method", parse_choice(SDEMethod, self.method or "euler", "SDE method"))
         elif self.method is not None:
             raise ValueError(f"sampler {kind.value!r} takes no method (got {self.method!r})")
+        if self.num_steps is None:
+            object.__setattr__(self, "num_steps", self.default_steps(kind))
         object.__setattr__(self, "diffusion_form",
                            parse_choice(DiffusionForm, self.diffusion_form, "diffusion form"))
         object.__setattr__(self, "last_step", parse_choice(
@@ -420,13 +439,21 @@ class SamplerConfig:
     def family(self) -> str:
         return "sit" if self.kind in (SamplerKind.ODE, SamplerKind.SDE, SamplerKind.MEANFLOW) else "dit"
 
+    @staticmethod
+    def default_steps(kind: SamplerKind | str) -> int:
+        """The default ``num_steps`` of a sampler kind: 250 for SiT's ODE and SDE (the SiT
+        sample scripts' ``--num-sampling-steps``) and DiT's DDPM and DDIM (DiT's), 1 for
+        MeanFlow (one-step generation)."""
+        kind = parse_choice(SamplerKind, kind, "sampler")
+        return 1 if kind is SamplerKind.MEANFLOW else 250
+
     @classmethod
     def default_for(cls, family: str) -> "SamplerConfig":
         """SiT: dopri5 ODE (atol 1e-6, rtol 1e-3); DiT: 250-step DDPM."""
         if family == "sit":
             return cls(kind=SamplerKind.ODE)
         if family == "dit":
-            return cls(kind=SamplerKind.DDPM, num_steps=250)
+            return cls(kind=SamplerKind.DDPM)
         raise ValueError(f"unknown model family {family!r}; valid: 'sit', 'dit'")
 
 
@@ -443,7 +470,8 @@ def sample_latents(model: torch.nn.Module, y: Tensor, noise: Tensor, *,
     family = model_cfg.family
     if model_cfg.second_time_input and (sampler is None or sampler.kind is SamplerKind.MEANFLOW):
         from .meanflow import sample_meanflow  # a MeanFlow model: 1 step unless told otherwise
-        return sample_meanflow(model, y, noise, steps=sampler.num_steps if sampler else 1,
+        steps = sampler.num_steps if sampler else SamplerConfig.default_steps(SamplerKind.MEANFLOW)
+        return sample_meanflow(model, y, noise, steps=steps,
                                cfg_scale=guidance.scale if guidance is not None else 1.0, progress=progress)
     if sampler is not None and sampler.kind is SamplerKind.MEANFLOW:
         raise ValueError("sampler 'meanflow' needs a MeanFlow model (second_time_input=True)")

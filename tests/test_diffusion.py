@@ -1,6 +1,7 @@
 """DiT Gaussian diffusion: schedule, respacing, likelihood terms, release loss parity."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 import models
 from engine.diffusion import (DiffusionConfig, GaussianDiffusion, VarianceType,
                               discretized_gaussian_log_likelihood, normal_kl, space_timesteps)
+from tests.conftest import fixture_path
 
 
 @pytest.fixture(scope="module")
@@ -49,19 +51,68 @@ def test_space_timesteps(spec, expected):
     assert space_timesteps(1000, spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["abc", "0", "ddim999", "600,600,600"])
+@pytest.mark.parametrize("spec", ["abc", "0", "ddim999", "600,600,600", "ddim1", "ddimx"])
 def test_bad_respacing(spec):
     with pytest.raises(ValueError):
         space_timesteps(1000, spec)
 
 
-def test_respacing_keeps_alphas_cumprod():
+@pytest.fixture(scope="module")
+def dit_respacing() -> dict:
+    """DiT's space_timesteps outputs (tests/fixtures/README.md says how they were made)."""
+    return json.loads(fixture_path("dit_respacing.json").read_text())
+
+
+def _mask_steps(hex_mask: str) -> list[int]:
+    bits = int(hex_mask, 16)
+    return [i for i in range(bits.bit_length()) if bits >> i & 1]
+
+
+def test_respacing_equals_dit_for_every_step_count(dit_respacing):
+    """DiT sums the fractional stride (0, d, d + d, ...) before rounding: 278 of the counts
+    1..1000 keep other steps than round(j * d) (21 steps: 499, not 500)."""
+    T = dit_respacing["num_timesteps"]
+    differ = {k: (space_timesteps(T, k), _mask_steps(m)) for k, m in dit_respacing["counts"].items()}
+    differ = {k: v for k, v in differ.items() if v[0] != v[1]}
+    assert len(dit_respacing["counts"]) == 1000
+    assert not differ, f"{len(differ)} counts keep other steps than DiT, first {sorted(differ, key=int)[:10]}"
+    assert 499 in space_timesteps(T, 21) and 500 not in space_timesteps(T, 21)
+
+
+def test_ddim_respacing_equals_dit(dit_respacing):
+    T = dit_respacing["num_timesteps"]
+    accepted = {k: v for k, v in dit_respacing["ddim"].items() if v is not None}
+    assert len(accepted) == 62
+    for k, steps in dit_respacing["ddim"].items():
+        if steps is None:  # no stride in 1..T-1 that DiT tries gives exactly K steps
+            with pytest.raises(ValueError, match=f"no integer stride in 1..{T - 1} keeps exactly {k} of"):
+                space_timesteps(T, f"ddim{k}")
+        else:
+            assert space_timesteps(T, f"ddim{k}") == steps, k
+    with pytest.raises(ValueError, match="'ddim999'.*nearest that exist: ddim500 or ddim1000"):
+        space_timesteps(T, "ddim999")
+
+
+def test_section_respacing_equals_dit(dit_respacing):
+    for case in dit_respacing["sections"]:
+        T, spec, steps = case["num_timesteps"], case["spec"], case["steps"]
+        if steps is None:  # a section holds fewer steps than asked for
+            with pytest.raises(ValueError, match="cannot take"):
+                space_timesteps(T, spec)
+        else:
+            assert space_timesteps(T, spec) == steps, (T, spec)
+            assert space_timesteps(T, [int(c) for c in spec.split(",")]) == steps
+
+
+@pytest.mark.parametrize("count", [25, 21])
+def test_respacing_keeps_alphas_cumprod(dit_respacing, count):
     base = DiffusionConfig().build()
-    spaced = DiffusionConfig().build("25")
-    keep = space_timesteps(1000, "25")
-    assert spaced.num_timesteps == 25 and spaced.timestep_map == keep
+    spaced = DiffusionConfig().build(str(count))
+    keep = space_timesteps(1000, str(count))
+    assert keep == _mask_steps(dit_respacing["counts"][str(count)])
+    assert spaced.num_timesteps == count and spaced.timestep_map == keep
     np.testing.assert_allclose(spaced.alphas_cumprod, base.alphas_cumprod[keep], rtol=1e-12)
-    t = torch.tensor([0, 24])
+    t = torch.tensor([0, count - 1])
     assert spaced.model_time(t).tolist() == [keep[0], keep[-1]]
 
 

@@ -3,6 +3,7 @@ the image helpers."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -142,6 +143,18 @@ def test_bare_release_file_needs_no_model_flag(tmp_path, capsys):
     torch.save(torch.load(path, weights_only=True), anonymous)
     with pytest.raises(ValueError, match="fit sit_s or dit_s"):
         run(anonymous, tmp_path / "o2", "--num-samples", "1")
+
+
+@pytest.mark.parametrize("sampler, method, steps", [("sde", "euler", 250), ("ode", "euler", 250),
+                                                   ("ode", "rk4", 250), ("ddpm", None, 250)])
+def test_default_steps_are_the_releases(tmp_path, sampler, method, steps):
+    family = "dit" if sampler == "ddpm" else "sit"
+    ckpt = save_ckpt(tmp_path / f"{family}.pt", tiny(family))
+    extra = ["--method", method] if method else []
+    main(["--ckpt", str(ckpt), "--out", str(tmp_path / "o"), "--no-progress", "--num-samples", "1",
+          "--sampler", sampler, *extra])
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["sampler"]["num_steps"] == steps
 
 
 def test_unknown_sampler_name(sit_ckpt, tmp_path):

@@ -9,6 +9,7 @@ from engine.diffusion import DiffusionConfig
 from engine.samplers import (Guidance, LastStep, ODEMethod, SamplerConfig, guided_model_fn, null_label,
                              sample_ddim, sample_ddpm, sample_latents, sample_ode, sample_sde)
 from engine.transport import Transport, TransportConfig, expand_like
+from tests.conftest import fixture_path
 
 MU, S = 1.5, 0.5  # toy data: every element ~ N(MU, S^2)
 
@@ -64,6 +65,55 @@ def test_ode_parity_with_release(sit, release_fixtures, method, steps, key, tol)
     fn = guided_model_fn(sit, f["ode_y"][:2], Guidance(4.0))
     out = sample_ode(fn, f["ode_noise"][:2], method=method, num_steps=steps)
     assert rel_err(out, f[key][:2]) <= tol
+
+
+@pytest.fixture(scope="module")
+def sit_ode_reference() -> dict:
+    return torch.load(fixture_path("sit_ode_reference.pt"), weights_only=True)
+
+
+def smooth_field(x, t):
+    """The analytic velocity field of sit_ode_reference.pt (tests/fixtures/README.md)."""
+    tt = t.view(-1, *([1] * (x.dim() - 1)))
+    return torch.sin(3 * x + 2 * tt) - 0.5 * x * torch.cos(tt)
+
+
+@pytest.mark.parametrize("path,method,steps,reverse,key", [
+    ("linear", "euler", 10, False, "field_linear_euler_10"),
+    ("linear", "midpoint", 6, False, "field_linear_midpoint_6"),
+    ("linear", "rk4", 5, False, "field_linear_rk4_5"),
+    ("linear", "rk4", 11, False, "field_linear_rk4_11"),
+    ("linear", "heun", 7, False, "field_linear_heun2_7"),  # SiT: --sampling-method heun2
+    ("linear", "dopri5", 50, False, "field_linear_dopri5_50"),
+    ("vp", "rk4", 9, False, "field_vp_rk4_9"),  # grid [0, 1 - 1e-3]
+    ("vp", "euler", 10, False, "field_vp_euler_10"),
+    ("linear", "rk4", 11, True, "field_linear_rk4_11_reverse"),
+])
+def test_ode_matches_sit_sampler_on_a_smooth_field(sit_ode_reference, path, method, steps, reverse, key):
+    """SiT's own Sampler.sample_ode (torchdiffeq's solvers) on an analytic field: rk4 is
+    torchdiffeq's 3/8-rule RK4 (classical RK4 is ~1.5e-3 away at 5 points)."""
+    ref = sit_ode_reference
+    out = sample_ode(smooth_field, ref["field_x0"], Transport(TransportConfig(path=path)), method=method,
+                     num_steps=steps, reverse=reverse)
+    torch.testing.assert_close(out, ref[key], rtol=0, atol=1e-6)
+
+
+def test_rk4_matches_sit_sampler_on_the_fixture_model(sit, release_fixtures, sit_ode_reference):
+    f = release_fixtures
+    ref = sit_ode_reference["model_rk4_8_cfg4"]
+    fn = guided_model_fn(sit, f["ode_y"], Guidance(4.0), layout="release")
+    assert rel_err(sample_ode(fn, f["ode_noise"], method="rk4", num_steps=8), ref) <= 1e-6
+    fn = guided_model_fn(sit, f["ode_y"][:2], Guidance(4.0))
+    assert rel_err(sample_ode(fn, f["ode_noise"][:2], method="rk4", num_steps=8), ref[:2]) <= 1e-5
+
+
+def test_ode_progress_bar_changes_nothing():
+    x = torch.randn(3, 2, 2, 2, generator=torch.Generator().manual_seed(7))
+    for method in ("euler", "rk4"):
+        for reverse in (False, True):
+            quiet = sample_ode(smooth_field, x, method=method, num_steps=6, reverse=reverse)
+            shown = sample_ode(smooth_field, x, method=method, num_steps=6, reverse=reverse, progress=True)
+            assert torch.equal(quiet, shown)
 
 
 def test_ddim_parity_with_release(dit, release_fixtures):
@@ -239,6 +289,26 @@ def test_unknown_names_list_valid_ones():
         sample_ode(lambda x, t: x, torch.zeros(1, 1, 1, 1), method="euler", num_steps=1)
     assert SamplerConfig(kind="SDE", method="Heun", last_step=None).last_step is LastStep.NONE
     assert SamplerConfig().method is ODEMethod.DOPRI5
+
+
+def test_default_steps_are_the_releases():
+    """250 grid points / steps as the SiT and DiT sample scripts; MeanFlow one step."""
+    for kind in ("ode", "sde", "ddpm", "ddim"):
+        assert SamplerConfig.default_steps(kind) == 250
+        assert SamplerConfig(kind=kind).num_steps == 250
+    assert SamplerConfig.default_steps("meanflow") == SamplerConfig(kind="meanflow").num_steps == 1
+    assert SamplerConfig(kind="ode", method="euler", num_steps=7).num_steps == 7
+    assert SamplerConfig.default_for("sit").num_steps == SamplerConfig.default_for("dit").num_steps == 250
+    with pytest.raises(ValueError, match="unknown sampler"):
+        SamplerConfig.default_steps("euler")
+    # the functions take the same defaults: 249 ODE Euler steps; 249 SDE steps + the last step
+    calls = []
+    fn = lambda x, t: calls.append(1) or -x  # noqa: E731
+    sample_ode(fn, torch.zeros(1, 1, 1, 1), method="euler")
+    assert len(calls) == 249
+    calls.clear()
+    sample_sde(fn, torch.zeros(1, 1, 1, 1), generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 250
 
 
 def test_sampler_must_fit_the_model_family(sit, dit):
