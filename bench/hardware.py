@@ -205,8 +205,8 @@ def pass_roofline(n: int, d: int, dtype: torch.dtype, variant: str, pass_: str,
 
 
 def spec_peak_flops(device: torch.device | str, precision: str = "bf16") -> float | None:
-    """The data sheet's dense peak FLOP/s (engine.metrics' table); None for CPUs and unknown GPUs."""
-    from engine.metrics import peak_tflops
+    """The data sheet's dense peak FLOP/s (engine.training.metrics' table); None for CPUs and unknown GPUs."""
+    from engine.training.metrics import peak_tflops
 
     peak = peak_tflops(torch.device(device), precision)
     return peak * 1e12 if peak else None

@@ -135,7 +135,7 @@ def timed_pass(fn: LossFn, z: torch.Tensor, mode: str, *, sync: bool = True
 
 @contextlib.contextmanager
 def release_term() -> Iterator[None]:
-    """Inside, ``engine.objective`` computes the dispersive term with the release's pdist code.
+    """Inside, ``engine.objectives.base`` computes the dispersive term with the release's pdist code.
 
     The objective calls ``kernels.dispersive_loss_groups`` (and code may call
     ``kernels.dispersive_loss``) through the module at call time, so swapping those

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data import build_loader, dali_available
-from engine.digits import make_synthetic_dataset
+from engine.data.loader import build_loader, dali_available
+from engine.data.datasets import make_synthetic_dataset
 
 N = int(os.environ.get("BENCH_DATA_N", 4096))
 STEPS = int(os.environ.get("BENCH_DATA_STEPS", 100))  # batches per timed round
@@ -94,7 +94,7 @@ def test_dali_not_slower_than_dataloader(benchmark, synthetic: Path) -> None:
     """Interleaved rounds (DataLoader round, then DALI round) so machine load hits both."""
     dali = build_loader(synthetic, micro_batch=MICRO, backend="dali")
     # The DataLoader at its fastest setting on a small CPU machine (in-process, see
-    # engine.data.default_num_workers), so the comparison is against its best.
+    # engine.data.loader.default_num_workers), so the comparison is against its best.
     loader = build_loader(synthetic, micro_batch=MICRO, backend="torch", num_workers=0)
     dali_it, torch_it = iter(dali), iter(loader)
     for _ in range(20):

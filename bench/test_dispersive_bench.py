@@ -249,7 +249,7 @@ def test_gram_speedup_bar(benchmark, bar: Bar, bench_settings: BenchSettings) ->
 def _modelled_step(device: torch.device, figures, batch: int) -> tuple[float, str]:
     """Seconds of one SiT-XL/2 training step at 100% of the device's peak: a lower bound.
 
-    GPU: the data sheet's bf16 peak (engine.metrics) when known, else the measured bf16
+    GPU: the data sheet's bf16 peak (engine.training.metrics) when known, else the measured bf16
     matmul rate; CPU: the measured fp32 matmul rate. A real step is slower (MFU < 100%),
     so the fraction of the step reported with it is an upper bound.
     """

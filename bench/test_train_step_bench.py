@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 import models
-from engine.objective import DispersiveConfig, build_objective
+from engine.objectives.base import DispersiveConfig, build_objective
 
 from .conftest import BenchSettings
 from .providers import release_term

@@ -1,4 +1,6 @@
-"""Process-group set-up shared by ``deepspeed``, ``torchrun`` and plain ``python`` launches."""
+"""Process groups, the one owner of their set-up: the trainer's (through DeepSpeed, a world of
+one for a plain ``python`` run) and the env:// group of the other commands (``torchrun ...
+-m engine.sample``), plus the small collectives and CPU-rank housekeeping both need."""
 from __future__ import annotations
 
 import atexit
@@ -42,6 +44,33 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int, torch.dev
             atexit.register(release_shared_memory)
             return_freed_memory(first_call=True)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+class EnvGroup:
+    """torch.distributed from the launcher's environment (``torchrun``: RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_*) when WORLD_SIZE > 1, else one process; ``close()`` ends what it began."""
+
+    def __init__(self, timeout_minutes: float = 30.0) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.started = False
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend, init_method="env://",
+                                    timeout=datetime.timedelta(minutes=timeout_minutes))
+            self.started = True
+
+    def device(self) -> torch.device:
+        """This rank's CUDA device when there is one, else the CPU."""
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+    def barrier(self) -> None:
+        barrier()
+
+    def close(self) -> None:
+        if self.started:
+            dist.destroy_process_group()
 
 
 def return_freed_memory(first_call: bool = False) -> None:

@@ -19,10 +19,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.cli import add_config_arguments, apply_overrides, config_from_dict, config_to_dict, overrides_from_args
-from engine.config import TrainConfig
-from engine.meanflow import MEANFLOW_PRESETS, meanflow_preset
-from engine.objective import DispersiveConfig
+from engine.data.datasets import check_dataset
+from engine.config.flags import add_config_arguments, apply_overrides, config_from_dict, config_to_dict, overrides_from_args
+from engine.training.config import TrainConfig
+from engine.objectives.meanflow import MEANFLOW_PRESETS, meanflow_preset
+from engine.objectives.base import DispersiveConfig
 
 
 def parse(argv: list[str] | None = None) -> TrainConfig:
@@ -80,9 +81,7 @@ def check_before_launch(cfg: TrainConfig) -> None:
 
     models.resolve_name(cfg.model.name)  # unknown model: the error lists the valid names
     cfg.batch_layout(int(os.environ.get("WORLD_SIZE", "1")))
-    if cfg.data.data not in ("digits", "synthetic") and not (Path(cfg.data.data) / "manifest.json").exists():
-        raise FileNotFoundError(f"--data {cfg.data.data}: no latent dataset there (no manifest.json); "
-                                "pass 'digits', 'synthetic' or a folder written by engine.extract_latents")
+    check_dataset(cfg.data.data)
     if cfg.deepspeed_config and not Path(cfg.deepspeed_config).exists():
         raise FileNotFoundError(f"--deepspeed-config {cfg.deepspeed_config}: no such file")
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_dir():
@@ -91,7 +90,7 @@ def check_before_launch(cfg: TrainConfig) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse(argv)
-    from engine.trainer import Trainer
+    from engine.training.trainer import Trainer
 
     trainer = Trainer(cfg)
     if trainer.is_main:

@@ -14,6 +14,7 @@ from .checkpoint import (
 from .config import ModelConfig
 from .dit import DiffusionTransformer, resolve_blocks, sincos_2d, timestep_embedding
 from .flops import flops_per_sample, macs_breakdown, macs_per_sample
+from .wrappers import unwrap_model
 from .registry import MODELS, SIZES, create_model, get_config, list_models, release_name, resolve_name
 
 __all__ = [
@@ -41,4 +42,5 @@ __all__ = [
     "resolve_name",
     "sincos_2d",
     "timestep_embedding",
+    "unwrap_model",
 ]

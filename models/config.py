@@ -119,6 +119,19 @@ class ModelConfig:
         return self.in_channels if self.family == "sit" else self.out_channels
 
     @property
+    def null_class(self) -> int | None:
+        """The label of the null class (``num_classes``), or None when labels are never dropped."""
+        return self.num_classes if self.class_dropout_prob > 0 else None
+
+    def require_null_class(self, purpose: str = "classifier-free guidance") -> int:
+        """The null-class label, or a ValueError saying that ``purpose`` needs one."""
+        if self.null_class is None:
+            raise ValueError(f"{purpose} needs a null class, but this model was built with "
+                             f"class_dropout_prob={self.class_dropout_prob} (its label table has only the "
+                             f"{self.num_classes} real classes)")
+        return self.null_class
+
+    @property
     def num_embeddings(self) -> int:
         """Rows of the label table: a null-class row exists only when labels can be dropped."""
         return self.num_classes + int(self.class_dropout_prob > 0)

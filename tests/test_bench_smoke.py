@@ -172,7 +172,7 @@ def test_release_term_swaps_only_the_implementation(monkeypatch) -> None:
     and inside the swap it is the release's code that computes it (once per block)."""
     import kernels
     import models
-    from engine.objective import DispersiveConfig, build_objective
+    from engine.objectives.base import DispersiveConfig, build_objective
 
     model = models.create_model("sit_s", input_size=8, depth=2, hidden_size=64, num_heads=2, num_classes=10)
     objective = build_objective("sit", dispersive=DispersiveConfig(lambda_=0.25, blocks="all", backend="torch"))

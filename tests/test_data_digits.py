@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.digits import digits_arrays, make_digits_dataset, make_synthetic_dataset
-from engine.latents import LatentDatasetError, open_latent_dataset, write_latent_dataset
+from engine.data.datasets import digits_arrays, make_digits_dataset, make_synthetic_dataset
+from engine.data.format import LatentDatasetError, open_latent_dataset, write_latent_dataset
 
 
 def test_digits_dataset(tmp_path: Path) -> None:

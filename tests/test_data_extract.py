@@ -12,16 +12,16 @@ import torch
 pytest.importorskip("diffusers", reason="diffusers is needed to build the test VAE")
 from PIL import Image  # noqa: E402
 
-from engine.extract_latents import (  # noqa: E402
+from engine.data.extract import (  # noqa: E402
     ExtractConfig,
     center_crop_arr,
     extract,
     list_images,
     load_image,
-    load_vae,
-    main,
 )
-from engine.latents import open_latent_dataset  # noqa: E402
+from engine.data.format import open_latent_dataset  # noqa: E402
+from engine.data.vae import load_vae  # noqa: E402
+from engine.extract_latents import main  # noqa: E402
 
 SIZE = 16  # image side; the 2-level VAE halves it once -> 8x8 latents
 CLASSES = ["b_cls", "a_cls", "c_cls"]  # created out of order: labels follow sorted names
@@ -144,7 +144,7 @@ def test_two_ranks_resume_and_match_one_rank(image_root: Path, vae_dir: Path, tm
     assert not out.exists()
     assert extract(_cfg(image_root, vae_dir, out, seed=5, rank=1, world_size=2)) is None
     # Rerun rank 0: its chunks are complete, so nothing is encoded again, only merged.
-    import engine.extract_latents as ex
+    import engine.data.extract as ex
 
     def no_encoding(*a, **k):
         raise AssertionError("a finished chunk was encoded again")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.latents import (
+from engine.data.format import (
     MANIFEST_NAME,
     LatentDatasetError,
     LatentDatasetWriter,

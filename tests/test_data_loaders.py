@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data import (
+from engine.data.loader import (
     BatchSchedule,
     DaliLatentLoader,
     TorchLatentLoader,
@@ -17,7 +17,7 @@ from engine.data import (
     dali_available,
     epoch_permutation,
 )
-from engine.latents import open_latent_dataset, write_latent_dataset
+from engine.data.format import open_latent_dataset, write_latent_dataset
 
 N = 45  # not a multiple of any global batch used below: exercises padding
 SHAPE = (2, 3, 5)  # W = 5 is odd: the middle column stays put under a flip
@@ -244,7 +244,7 @@ def test_build_loader_rejects_bad_backend(ds_path: Path) -> None:
 
 @pytest.mark.parametrize("shape", [(37, 4, 32, 32), (3, 5, 7, 1000), (1, 70000)])
 def test_widen_in_chunks_is_exact(shape) -> None:
-    from engine.data import _GRAIN, _widen
+    from engine.data.loader import _GRAIN, _widen
 
     x = torch.randn(shape).half()
     assert x.numel() > _GRAIN  # the chunked path
@@ -255,7 +255,7 @@ def test_widen_in_chunks_is_exact(shape) -> None:
 @needs_dali
 def test_dali_matches_dataloader_at_training_shapes(tmp_path: Path) -> None:
     """4x32x32 float16, micro batch 32: exercises the chunked widening and np.take paths."""
-    from engine.digits import make_synthetic_dataset
+    from engine.data.datasets import make_synthetic_dataset
 
     path = make_synthetic_dataset(tmp_path / "s", 300, shard_size=128, num_classes=10)
     for rank in range(2):

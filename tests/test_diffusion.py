@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import models
-from engine.diffusion import (DiffusionConfig, GaussianDiffusion, VarianceType,
+from engine.diffusion.gaussian import (DiffusionConfig, GaussianDiffusion, VarianceType,
                               discretized_gaussian_log_likelihood, normal_kl, space_timesteps)
 from tests.conftest import fixture_path
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.latents import LatentDatasetWriter
+from engine.data.format import LatentDatasetWriter
 from tests.engine_helpers import TINY, losses, metrics, run_engine
 
 pytestmark = pytest.mark.slow
@@ -171,7 +171,7 @@ def test_sigterm_writes_a_final_checkpoint_and_exits_cleanly(tmp_path):
 
 def test_meanflow_trains_on_two_ranks_and_samples_in_one_step(tmp_path):
     import models
-    from engine.meanflow import sample_meanflow
+    from engine.sampling.meanflow import sample_meanflow
 
     run_engine([*COMMON, "--objective", "meanflow", "--zero-stage", "3", "--precision", "bf16",
                 "--max-steps", "3", "--results-dir", str(tmp_path)])
@@ -208,7 +208,7 @@ def test_literal_sit_xl_command_zero3_bf16_two_ranks(tmp_path):
 def test_a_gvp_noise_run_samples_with_its_own_transport(tmp_path):
     """Trained with --transport-path gvp --transport-prediction noise: sampling its checkpoint
     with no transport flags gives exactly the samples of asking for gvp/noise."""
-    from engine.sample import main as sample
+    from engine.sampling.generate import main as sample
 
     run_engine([*COMMON, "--transport-path", "gvp", "--transport-prediction", "noise", "--max-steps", "2",
                 "--results-dir", str(tmp_path / "run")])

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from engine.checkpoint import COMPLETE, CheckpointDir, atomic_torch_save
-from engine.config import TrainConfig
+from engine.training.checkpoint import COMPLETE, CheckpointDir, atomic_torch_save
+from engine.training.config import TrainConfig
 from engine.train import parse
-from engine.trainer import deepspeed_config
+from engine.training.trainer import deepspeed_config
 
 
 def _error(capsys, argv) -> str:
@@ -37,7 +37,7 @@ def test_release_defaults():
 
 
 def test_config_file_round_trip(tmp_path):
-    from engine.cli import config_to_dict
+    from engine.config.flags import config_to_dict
     cfg = parse(["--model", "dit_s", "--disp-preset", "release", "--max-steps", "7"])
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config_to_dict(cfg)))

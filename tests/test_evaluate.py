@@ -11,11 +11,12 @@ import torch
 import torch.nn as nn
 from scipy import linalg
 
-from engine.evaluate import (compute_activations, evaluate_batches, inception_score, knn_radii, main,
-                             manifold_membership, open_npz_array, precision_recall)
-from engine.fid import FeatureStatistics, StatsAccumulator, frechet_details, frechet_distance
-from engine.inception import (FIDInceptionV3, InceptionWeightsError, WEIGHTS_ENV, WEIGHTS_FILENAME,
-                              WEIGHTS_URL, load_inception, tf1_resize_bilinear)
+from engine.evaluate import main
+from engine.evaluation.adm import (compute_activations, evaluate_batches, inception_score, knn_radii,
+                                   manifold_membership, open_npz_array, precision_recall)
+from engine.evaluation.fid import FeatureStatistics, StatsAccumulator, frechet_details, frechet_distance
+from engine.evaluation.inception import (FIDInceptionV3, InceptionWeightsError, WEIGHTS_ENV, WEIGHTS_FILENAME,
+                                         WEIGHTS_URL, load_inception, tf1_resize_bilinear)
 
 REPO = Path(__file__).resolve().parents[1]
 DIMS = [1, 7, 64, 203]

@@ -1,4 +1,4 @@
-"""MeanFlow objective and sampler (engine/meanflow.py) on tiny models."""
+"""MeanFlow objective and sampler (engine/objectives/meanflow.py) on tiny models."""
 from __future__ import annotations
 
 import json
@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import models
-from engine.meanflow import (MEANFLOW_PRESETS, MeanFlowConfig, MeanFlowObjective, adaptive_weighted,
+from engine.objectives.meanflow import (MEANFLOW_PRESETS, MeanFlowConfig, MeanFlowObjective, adaptive_weighted,
                              average_velocity_jvp, build_meanflow_objective, guided_velocity,
-                             meanflow_preset, meanflow_target, meanflow_times, meanflow_velocity_fn,
-                             sample_meanflow, sample_times)
-from engine.objective import DispersiveConfig
+                             meanflow_preset, meanflow_target, sample_times)
+from engine.sampling.meanflow import meanflow_times, meanflow_velocity_fn, sample_meanflow
+from engine.objectives.base import DispersiveConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(input_size=8, patch_size=2, depth=2, hidden_size=64, num_heads=4, num_classes=10,
@@ -160,7 +160,7 @@ def test_sampler_guidance_and_grids(rng):
 def test_velocity_fn_drives_the_sit_ode(rng):
     """A MeanFlow model as an instantaneous-velocity field in SiT's time: one Euler step of the
     SiT ODE from noise (s = 0) to data (s = 1) equals MeanFlow's z_0 = z_1 - u(z_1, 1, 1)."""
-    from engine.samplers import sample_ode
+    from engine.sampling.samplers import sample_ode
 
     model = tiny_model().eval()
     noise, y = batch(rng)
@@ -434,7 +434,7 @@ def test_config_is_a_command_line_section():
     import argparse
     from dataclasses import dataclass
 
-    from engine.cli import add_config_arguments, apply_overrides, config_from_dict, config_to_dict, \
+    from engine.config.flags import add_config_arguments, apply_overrides, config_from_dict, config_to_dict, \
         overrides_from_args, section
 
     @dataclass
@@ -451,8 +451,8 @@ def test_config_is_a_command_line_section():
     assert config_from_dict(Holder, config_to_dict(cfg)) == cfg
     with pytest.raises(SystemExit):  # a Literal field: argparse checks the choice
         parser.parse_args(["--mf-label-drop", "first"])
-    # and the trainer's own config has the flag, with no change outside engine/meanflow.py
-    from engine.config import TrainConfig
+    # and the trainer's own config has the flag, with no change outside engine/objectives/meanflow.py
+    from engine.training.config import TrainConfig
 
     train_parser = argparse.ArgumentParser()
     add_config_arguments(train_parser, TrainConfig)
@@ -462,7 +462,7 @@ def test_config_is_a_command_line_section():
 
 
 def test_presets():
-    """The recipes of engine/meanflow.py's source table: XL/2 is the 1-NFE recipe (omega 0.2, kappa
+    """The recipes of engine/objectives/meanflow.py's source table: XL/2 is the 1-NFE recipe (omega 0.2, kappa
     0.92 on t in [0, 0.75]); [0.3, 0.8] belongs to XL/2+ (omega 1.0, kappa 0.5); lengths in epochs."""
     steps_per_epoch = 1_281_167 // 256
     xl = meanflow_preset("MeanFlow-XL/2")
@@ -505,8 +505,9 @@ _DEEPSPEED_SCRIPT = textwrap.dedent("""
     import torch
     sys.path.insert(0, sys.argv[1])
     from engine.distributed import init_distributed
-    from engine.meanflow import MeanFlowConfig, build_meanflow_objective, sample_meanflow
-    from engine.objective import DispersiveConfig
+    from engine.objectives.meanflow import MeanFlowConfig, build_meanflow_objective
+    from engine.sampling.meanflow import sample_meanflow
+    from engine.objectives.base import DispersiveConfig
     from tests.test_meanflow import tiny_model
     import deepspeed
 

@@ -6,11 +6,11 @@ import torch
 
 import kernels
 import models
-from engine import objective as objective_mod
-from engine.diffusion import DiffusionConfig
-from engine.objective import (DispersiveConfig, DiTObjective, Objective, SiTObjective, build_objective,
-                              unwrap_model)
-from engine.transport import TransportConfig
+from engine.objectives import base as objective_mod
+from engine.diffusion.gaussian import DiffusionConfig
+from engine.objectives.base import DispersiveConfig, DiTObjective, Objective, SiTObjective, build_objective
+from models import unwrap_model
+from engine.diffusion.transport import TransportConfig
 
 
 def tiny(family: str = "sit", depth: int = 4, **kw) -> torch.nn.Module:

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import models
-from engine.probe import (ProbeConfig, block_features, dispersion_stats, linear_probe, main,
+from engine.evaluation.probe import (ProbeConfig, block_features, dispersion_stats, linear_probe, main,
                           noised, probe_checkpoint, probe_model)
-from engine.transport import TransportConfig
+from engine.diffusion.transport import TransportConfig
 
 TINY = dict(depth=2, hidden_size=32, num_heads=2, input_size=16, in_channels=1, num_classes=10)
 
@@ -28,7 +28,7 @@ def tiny_model(seed: int = 0, **kw) -> torch.nn.Module:
 
 
 def digits(n: int = 120):
-    from engine.digits import digits_arrays
+    from engine.data.datasets import digits_arrays
 
     x, y = digits_arrays(16)
     return torch.from_numpy(x[:n]), torch.from_numpy(y[:n])

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 import models
-from engine.images import make_grid, render_latents, save_npz, to_uint8
-from engine.cli import config_to_dict
-from engine.config import TrainConfig
-from engine.sample import main, sample_images
-from engine.samplers import Guidance, SamplerConfig
-from engine.transport import LossWeight, PathType, Prediction, TransportConfig
+from engine.sampling.images import make_grid, render_latents, save_npz, to_uint8
+from engine.config.flags import config_to_dict
+from engine.training.config import TrainConfig
+from engine.sampling.generate import main, sample_images
+from engine.sampling.samplers import Guidance, SamplerConfig
+from engine.diffusion.transport import LossWeight, PathType, Prediction, TransportConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(input_size=8, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)

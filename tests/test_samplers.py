@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import models
-from engine.diffusion import DiffusionConfig
-from engine.samplers import (Guidance, LastStep, ODEMethod, SamplerConfig, guided_model_fn, null_label,
+from engine.diffusion.gaussian import DiffusionConfig
+from engine.sampling.samplers import (Guidance, LastStep, ODEMethod, SamplerConfig, guided_model_fn, null_label,
                              sample_ddim, sample_ddpm, sample_latents, sample_ode, sample_sde)
-from engine.transport import Transport, TransportConfig, expand_like
+from engine.diffusion.transport import Transport, TransportConfig, expand_like
 from tests.conftest import fixture_path
 
 MU, S = 1.5, 0.5  # toy data: every element ~ N(MU, S^2)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from engine.toy import DigitClassifier, DispSetting, ToyConfig, _shift, main, sample_noise_and_labels
+from engine.experiments.toy import DigitClassifier, DispSetting, ToyConfig, _shift, main, sample_noise_and_labels
 
 
 def test_disp_setting_flags_and_validation():

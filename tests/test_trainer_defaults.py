@@ -5,11 +5,11 @@ from pathlib import Path
 
 import torch
 
-from engine.config import DataSection, TrainConfig
-from engine.metrics import PhaseTimer
-from engine.objective import DispersiveConfig, build_objective
+from engine.training.config import DataSection, TrainConfig
+from engine.training.metrics import PhaseTimer
+from engine.objectives.base import DispersiveConfig, build_objective
 from engine.train import parse
-from engine.trainer import Trainer, describe_data
+from engine.training.trainer import Trainer, describe_data
 from tests.test_objective import tiny
 
 

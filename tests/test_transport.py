@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from engine.transport import (CheckMode, DiffusionForm, LossWeight, PathType, Prediction, Transport,
+from engine.diffusion.transport import (CheckMode, DiffusionForm, LossWeight, PathType, Prediction, Transport,
                               TransportConfig, expand_like, parse_choice)
 
 PATHS = ["linear", "gvp", "vp"]

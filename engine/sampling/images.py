@@ -1,4 +1,4 @@
-"""Turning sampled latents into images: VAE decoding, direct rendering, PNG grids, ADM .npz.
+"""Turning sampled latents into images: direct rendering, PNG grids, ADM .npz (decoding: ``engine.data.vae``).
 
 Pixel convention: decoded images live in [-1, 1] and become uint8 as
 ``clamp(127.5 x + 128, 0, 255)`` truncated (the releases' mapping), laid out N x H x W x 3.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -22,7 +22,6 @@ from torch import Tensor
 
 RenderMode = Literal["signed", "minmax"]
 RENDER_MODES: tuple[str, ...] = ("signed", "minmax")
-SD_VAE_SCALE = 0.18215  # SD-VAE latents are multiplied by this before training
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -46,21 +45,6 @@ def render_latents(latents: Tensor, mode: RenderMode = "signed") -> np.ndarray:
         hi = x.amax(dim=(1, 2, 3), keepdim=True)
         x = (x - lo) / (hi - lo).clamp(min=1e-12) * 2 - 1  # each image to [-1, 1]
     return to_uint8(x)
-
-
-def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
-    """A diffusers AutoencoderKL from a local directory (never downloads)."""
-    from engine.extract_latents import load_vae as _load
-
-    return _load(path, device=device)
-
-
-@torch.no_grad()
-def decode_latents(vae: Any, latents: Tensor, scale_factor: float = SD_VAE_SCALE) -> np.ndarray:
-    """Latents (N, C, h, w) as trained (scaled by ``scale_factor``) -> (N, H, W, 3) uint8."""
-    param = next(vae.parameters())
-    images = vae.decode(latents.to(param.device, param.dtype) / scale_factor).sample  # (N, 3, H, W)
-    return to_uint8(images)
 
 
 def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2,

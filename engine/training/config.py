@@ -1,6 +1,6 @@
 """Typed training configuration. Defaults follow the SiT/DiT releases.
 
-Every field is also a command-line flag of ``engine/train.py`` (see ``engine.cli``);
+Every field is also a command-line flag of ``engine/train.py`` (see ``engine.config.flags``);
 ``--config run.json`` loads a whole config first, flags then override it.
 """
 from __future__ import annotations
@@ -9,10 +9,10 @@ import functools
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from .cli import section
-from .meanflow import MeanFlowConfig
-from .objective import DispersiveConfig
-from .transport import TransportConfig
+from engine.config.flags import section
+from engine.objectives.meanflow import MeanFlowConfig
+from engine.objectives.base import DispersiveConfig
+from engine.diffusion.transport import TransportConfig
 
 
 @dataclass
@@ -47,7 +47,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     data: str = "synthetic"
-    """A latent dataset directory (engine/DATA.md), ``digits`` (built-in) or ``synthetic``."""
+    """A latent dataset directory (engine/data/DATA.md), ``digits`` (built-in) or ``synthetic``."""
     loader: Literal["auto", "dali", "torch"] = "auto"
     """DALI pipeline when installed (``auto``), or the torch DataLoader."""
     flip: bool = True
@@ -95,7 +95,7 @@ class TrainConfig:
 
     objective: Literal["auto", "meanflow"] = "auto"
     """``auto``: the model family's objective (SiT flow matching, DiT DDPM); ``meanflow``: MeanFlow
-    one-step training (engine/meanflow.py, settings ``--mf-*``) on a SiT model, which is then built
+    one-step training (engine/objectives/meanflow.py, settings ``--mf-*``) on a SiT model, which is then built
     with a second time input and no sigma half."""
     global_batch: int = 256
     """Images per optimizer step over all ranks (the releases' 256)."""

@@ -36,8 +36,9 @@ from typing import Any, ClassVar, Literal, Protocol, Sequence, Union, runtime_ch
 import torch
 from torch import Tensor
 
-from .diffusion import DiffusionConfig, GaussianDiffusion
-from .transport import Transport, TransportConfig, parse_choice
+from engine.diffusion.gaussian import DiffusionConfig, GaussianDiffusion
+from models import unwrap_model
+from engine.diffusion.transport import Transport, TransportConfig, parse_choice
 
 BlockSpec = Union[int, Sequence[int], Literal["last", "all", "paper"]]
 Scope = Literal["local", "global"]
@@ -48,18 +49,6 @@ def _kernel_variants() -> tuple[str, ...]:
     from kernels import VARIANTS
 
     return tuple(VARIANTS)
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model inside DDP / DeepSpeed (``.module``) or torch.compile (``._orig_mod``)."""
-    for _ in range(8):  # wrappers nest (compile of DDP), never deeply
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
-    return model
 
 
 # ---------------------------------------------------------------------------------------
@@ -264,7 +253,7 @@ class _Base:
 
 @dataclass
 class SiTObjective(_Base):
-    """Flow / interpolant training of SiT models (see ``engine.transport``)."""
+    """Flow / interpolant training of SiT models (see ``engine.diffusion.transport``)."""
 
     transport: TransportConfig = field(default_factory=TransportConfig)
     family: ClassVar[str] = "sit"
@@ -290,7 +279,7 @@ class SiTObjective(_Base):
 
 @dataclass
 class DiTObjective(_Base):
-    """DDPM training of DiT models: mse(eps) + vb (see ``engine.diffusion``)."""
+    """DDPM training of DiT models: mse(eps) + vb (see ``engine.diffusion.gaussian``)."""
 
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     family: ClassVar[str] = "dit"
@@ -338,5 +327,5 @@ def build_objective(family: Literal["sit", "dit"], *, transport: TransportConfig
 
 __all__ = [
     "BlockSpec", "DispersiveConfig", "DispersivePreset", "DiTObjective", "Objective", "SiTObjective",
-    "build_objective", "dispersive_terms", "unwrap_model",
+    "build_objective", "dispersive_terms",
 ]

@@ -1,9 +1,9 @@
 """The training loop: DeepSpeed ZeRO engine, EMA, checkpoints, logging, robustness.
 
-``engine/train.py`` parses a :class:`~engine.config.TrainConfig` and calls
+``engine/train.py`` parses a :class:`~engine.training.config.TrainConfig` and calls
 ``Trainer(cfg).fit()``. Everything the run needs to continue bit-identically
 (weights, EMA, optimizer, LR schedule, data position, every RNG stream) is in the
-checkpoint; see ``engine/checkpoint.py`` for the layout.
+checkpoint; see ``engine/training/checkpoint.py`` for the layout.
 """
 from __future__ import annotations
 
@@ -21,16 +21,14 @@ import numpy as np
 import torch
 
 import models
-from .checkpoint import CheckpointDir, atomic_torch_save, tag_for
-from .cli import config_to_dict
-from .config import DataSection, TrainConfig
-from .distributed import any_true, barrier, init_distributed, return_freed_memory
-from .ema import FullEMA, ShardedEMA, full_state_dict
-from .metrics import MetricsWriter, PhaseTimer, peak_tflops
-from .objective import build_objective
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
+from engine.data.datasets import dataset_path
+from engine.training.checkpoint import CheckpointDir, atomic_torch_save, tag_for
+from engine.config.flags import config_to_dict
+from engine.training.config import DataSection, TrainConfig
+from engine.distributed import any_true, barrier, init_distributed, return_freed_memory
+from engine.training.ema import FullEMA, ShardedEMA, full_state_dict
+from engine.training.metrics import MetricsWriter, PhaseTimer, peak_tflops
+from engine.objectives.base import build_objective
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
@@ -97,33 +95,16 @@ def describe_data(data: DataSection, path: Path, shape: str) -> str:
     if data.data == "synthetic":
         return (f"SMOKE TEST on {data.synthetic_samples} random synthetic latents ({shape}), not a "
                 "dataset: no --data was given. Train on real data with --data DIR (latents written by "
-                "python -m engine.extract_latents, see engine/DATA.md), or --data digits for the "
+                "python -m engine.extract_latents, see engine/data/DATA.md), or --data digits for the "
                 "built-in toy")
     return f"data {path} ({shape})"
 
 
 def prepare_dataset(cfg: TrainConfig, rank: int) -> Path:
     """The dataset directory; the built-in ones are generated once, by rank 0."""
-    from .digits import make_digits_dataset, make_synthetic_dataset
-
-    data = cfg.data
-    if data.data not in ("digits", "synthetic"):
-        path = Path(data.data)
-        if not (path / "manifest.json").exists():
-            raise FileNotFoundError(f"--data {path}: no latent dataset there (no manifest.json); "
-                                    "use 'digits', 'synthetic' or a folder written by engine.extract_latents")
-        return path
-    cache = REPO_ROOT / "build" / "data"
-    if data.data == "digits":
-        path = cache / "digits16"
-        if rank == 0:
-            make_digits_dataset(path)
-    else:
-        c, h, w = data.synthetic_shape
-        path = cache / f"synthetic-{data.synthetic_samples}-{c}x{h}x{w}-{data.synthetic_classes}"
-        if rank == 0 and not (path / "manifest.json").exists():
-            make_synthetic_dataset(path, data.synthetic_samples, shape=data.synthetic_shape,
-                                   num_classes=data.synthetic_classes, seed=0)
+    d = cfg.data
+    path = dataset_path(d.data, synthetic_samples=d.synthetic_samples, synthetic_shape=d.synthetic_shape,
+                        synthetic_classes=d.synthetic_classes, write=rank == 0)
     barrier()
     return path
 
@@ -140,7 +121,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         self._seed(cfg.seed + self.rank)
 
-        from .latents import read_manifest
+        from engine.data.format import read_manifest
         self.data_path = prepare_dataset(cfg, self.rank)
         manifest = read_manifest(self.data_path)
         c, h, _ = manifest.shape
@@ -178,14 +159,14 @@ class Trainer:
         # Full fp32 weights must be gathered unless the module already holds them.
         self.gather = cfg.zero_stage == 3 or cfg.precision == "bf16"
         if self.meanflow:
-            from .meanflow import MeanFlowObjective
+            from engine.objectives.meanflow import MeanFlowObjective
             self.objective = MeanFlowObjective(dispersive=cfg.dispersive, config=cfg.meanflow)
         else:
             self.objective = build_objective(
                 self.model_cfg.family, dispersive=cfg.dispersive,
                 **({"transport": cfg.transport} if self.model_cfg.family == "sit" else {}))
 
-        from .data import build_loader
+        from engine.data.loader import build_loader
         self.loader = build_loader(self.data_path, micro_batch=self.micro, rank=self.rank,
                                    world_size=self.world, seed=cfg.seed, flip=cfg.data.flip,
                                    device=self.device, backend=cfg.data.loader,
@@ -447,9 +428,9 @@ class Trainer:
         path = None
         ema_model = self._ema_model()  # a collective under ZeRO-3
         if self.is_main:
-            from .images import make_grid, save_png
-            from .sample import sample_images
-            from .samplers import Guidance, SamplerConfig
+            from engine.sampling.images import make_grid, save_png
+            from engine.sampling.generate import sample_images
+            from engine.sampling.samplers import Guidance, SamplerConfig
 
             sit = self.model_cfg.family == "sit"
             if self.meanflow:

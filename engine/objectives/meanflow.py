@@ -1,6 +1,6 @@
 """MeanFlow (Geng et al. 2025, arXiv 2505.13447): one-step generation, with Dispersive Loss.
 
-Time convention -- the REVERSE of SiT's (``engine.transport``: t = 0 noise, t = 1 data):
+Time convention -- the REVERSE of SiT's (``engine.diffusion.transport``: t = 0 noise, t = 1 data):
 
     z_t = (1 - t) x + t e,   v = e - x,   t = 0 data, t = 1 noise.
 
@@ -56,7 +56,7 @@ it); the loss forward keeps the fast kernel. bf16: the JVP runs in the model's o
 under the caller's autocast); the target, the squared error and the loss are fp32.
 
 Sampling: ``z_r = z_t - (t - r) u(z_t, r, t)`` from t = 1 (noise) down to 0 (data);
-``sample_meanflow(model, y, noise, steps=1)`` is the 1-NFE sampler.
+``engine.sampling.meanflow.sample_meanflow(model, y, noise, steps=1)`` is the 1-NFE sampler.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ from typing import Any, Callable, ClassVar, Iterator, Literal, NamedTuple, Seque
 import torch
 from torch import Tensor
 
-from .objective import DispersiveConfig, _Base, unwrap_model
+from engine.objectives.base import DispersiveConfig, _Base
+from models import unwrap_model
 
 Reduction = Literal["sum", "mean"]
 REDUCTIONS: tuple[str, ...] = ("sum", "mean")
@@ -357,7 +358,7 @@ def guided_velocity(module: torch.nn.Module, z: Tensor, t: Tensor, y: Tensor, v:
         raise ValueError("MeanFlow guidance (omega != 1 or kappa != 0) needs the unconditional "
                          "velocity: build the model with class_dropout_prob > 0 (a null class)")
     n = z.shape[0]
-    null = torch.full_like(y, cfg.num_classes)
+    null = torch.full_like(y, cfg.require_null_class())
     h0 = torch.zeros_like(t)
     forward = _eager(module)
     with _target_passes(module, jvp=False):
@@ -426,7 +427,7 @@ def adaptive_weighted(err: Tensor, p: float, c: float) -> Tensor:
 
 @dataclass
 class MeanFlowObjective(_Base):
-    """MeanFlow training on the shared backbone, with the Dispersive Loss (``engine.objective``).
+    """MeanFlow training on the shared backbone, with the Dispersive Loss (``engine.objectives.base``).
 
     ``objective(model, x, y, valid=None, generator=None)`` with ``model`` a DiffusionTransformer
     or a wrapper of one (DeepSpeed engine, DDP, compile). Returns
@@ -462,7 +463,7 @@ class MeanFlowObjective(_Base):
         if keep is not None:
             if cfg.class_dropout_prob <= 0 and not bool(keep.all()):
                 raise ValueError("labels can only be dropped for a model with class_dropout_prob > 0")
-            y = torch.where(keep, y, torch.full_like(y, cfg.num_classes))
+            y = torch.where(keep, y, torch.full_like(y, cfg.require_null_class()))
         v_g = guided_velocity(model, z, t, y, v, keep, self.config)  # (N, C, H, W) fp32, no grad
         n, k = x.shape[0], max(0, min(int(same_rows), x.shape[0]))
         u_tgt = v_g
@@ -512,96 +513,6 @@ def build_meanflow_objective(config: MeanFlowConfig | None = None,
     if isinstance(dispersive, str):
         dispersive = DispersiveConfig.preset(dispersive)
     return MeanFlowObjective(dispersive=dispersive or DispersiveConfig(), config=config or MeanFlowConfig())
-
-
-# ---------------------------------------------------------------------------------------
-# Sampling
-# ---------------------------------------------------------------------------------------
-
-
-def meanflow_times(steps: int = 1, times: Sequence[float] | None = None) -> list[float]:
-    """The time grid from 1 (noise) to 0 (data): ``times`` as given (checked), else uniform."""
-    if times is None:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-        return [1.0 - i / steps for i in range(steps + 1)]
-    grid = [float(s) for s in times]
-    if len(grid) < 2 or any(not 0.0 <= s <= 1.0 for s in grid) or any(a <= b for a, b in zip(grid, grid[1:])):
-        raise ValueError(f"times must be >= 2 strictly decreasing values in [0, 1], got {list(times)!r}")
-    return grid
-
-
-def _null_for(module: torch.nn.Module) -> int:
-    cfg = unwrap_model(module).config
-    if cfg.class_dropout_prob <= 0:
-        raise ValueError(f"classifier-free guidance needs a null class, but this model was built with "
-                         f"class_dropout_prob={cfg.class_dropout_prob}: use cfg_scale 1")
-    return cfg.num_classes
-
-
-def _u_guided(model: torch.nn.Module, z: Tensor, t: Tensor, y: Tensor, h: Tensor, cfg_scale: float,
-              null: int | None) -> Tensor:
-    if cfg_scale == 1.0:
-        return model(z, t, y, h=h).float()
-    both = model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]),
-                 h=torch.cat([h, h])).float()  # (2N, C, H, W)
-    cond, uncond = both.chunk(2)
-    return uncond + cfg_scale * (cond - uncond)
-
-
-@torch.no_grad()
-def sample_meanflow(model: torch.nn.Module, y: Tensor, noise: Tensor, *, steps: int = 1,
-                    times: Sequence[float] | None = None, cfg_scale: float = 1.0,
-                    progress: bool = False) -> Tensor:
-    """Latents (N, C, H, W) from noise (N, C, H, W) and labels (N,): z_r = z_t - (t - r) u(z_t, r, t).
-
-    ``steps`` network evaluations on a uniform grid from t = 1 to 0, or the grid ``times``.
-    MeanFlow's guidance is trained into u (``MeanFlowConfig.omega/kappa``): keep ``cfg_scale``
-    at 1; another value applies ordinary CFG on top (2N rows per evaluation). The model's label
-    dropout is off during sampling whatever its mode. The state is float32 (float64 noise stays
-    float64).
-    """
-    check_meanflow_model(model)
-    if noise.shape[0] != y.shape[0]:
-        raise ValueError(f"noise has {noise.shape[0]} rows but y has {y.shape[0]}")
-    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float)) or not math.isfinite(cfg_scale):
-        raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}")
-    null = _null_for(model) if cfg_scale != 1.0 else None
-    grid = meanflow_times(steps, times)
-    z = noise if noise.dtype == torch.float64 else noise.float()
-    n = z.shape[0]
-    indices: Any = range(len(grid) - 1)
-    if progress:
-        from tqdm.auto import tqdm
-
-        indices = tqdm(indices, desc="meanflow", leave=False)
-    with labels_as_given(model):
-        for i in indices:
-            t_val, r_val = grid[i], grid[i + 1]
-            t = torch.full((n,), t_val, device=z.device, dtype=z.dtype)
-            h = torch.full((n,), t_val - r_val, device=z.device, dtype=z.dtype)
-            u = _u_guided(model, z, t, y, h, cfg_scale, null)  # (N, C, H, W)
-            z = z - (t_val - r_val) * u.to(z.dtype)
-    return z
-
-
-def meanflow_velocity_fn(model: torch.nn.Module, y: Tensor, cfg_scale: float = 1.0
-                         ) -> Callable[[Tensor, Tensor], Tensor]:
-    """A MeanFlow model as a SiT-convention velocity ``model_fn(x, t)`` for ``engine.samplers``'
-    ODE/SDE integrators (with the default linear-path velocity transport).
-
-    The instantaneous velocity is u with r = t (h = 0); SiT time s runs the other way
-    (s = 1 - t, s = 1 data), so dx/ds = -u(x, t = 1 - s, t). Label dropout is not switched off
-    here: call it on a model in eval mode.
-    """
-    check_meanflow_model(model)
-    null = _null_for(model) if cfg_scale != 1.0 else None
-
-    def model_fn(x: Tensor, s: Tensor) -> Tensor:
-        t = 1.0 - s
-        return -_u_guided(model, x, t, y, torch.zeros_like(t), cfg_scale, null).to(x.dtype)
-
-    return model_fn
 
 
 # ---------------------------------------------------------------------------------------
@@ -690,5 +601,5 @@ __all__ = [
     "LABEL_DROPS", "MEANFLOW_PRESETS", "MeanFlowConfig", "MeanFlowObjective", "MeanFlowPreset", "adaptive_weighted",
     "average_velocity_jvp", "build_meanflow_objective", "check_meanflow_model", "gathered_parameters",
     "guided_velocity", "jvp_attention", "labels_as_given", "plain_linear", "meanflow_preset", "meanflow_target",
-    "meanflow_times", "meanflow_velocity_fn", "sample_meanflow", "sample_times",
+    "sample_times",
 ]

@@ -24,9 +24,10 @@ from typing import Callable, Literal, Sequence
 import torch
 from torch import Tensor
 
-from .diffusion import DiffusionConfig, GaussianDiffusion
-from .objective import unwrap_model
-from .transport import CheckMode, DiffusionForm, PathType, Transport, TransportConfig, expand_like, parse_choice
+from models import unwrap_model
+from engine.diffusion.gaussian import DiffusionConfig, GaussianDiffusion
+from engine.sampling.meanflow import meanflow_velocity_fn, sample_meanflow
+from engine.diffusion.transport import CheckMode, DiffusionForm, PathType, Transport, TransportConfig, expand_like, parse_choice
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -469,7 +470,7 @@ def sample_latents(model: torch.nn.Module, y: Tensor, noise: Tensor, *,
     model_cfg = unwrap_model(model).config
     family = model_cfg.family
     if model_cfg.second_time_input and (sampler is None or sampler.kind is SamplerKind.MEANFLOW):
-        from .meanflow import sample_meanflow  # a MeanFlow model: 1 step unless told otherwise
+        # a MeanFlow model: 1 step unless told otherwise
         steps = sampler.num_steps if sampler else SamplerConfig.default_steps(SamplerKind.MEANFLOW)
         return sample_meanflow(model, y, noise, steps=steps,
                                cfg_scale=guidance.scale if guidance is not None else 1.0, progress=progress)
@@ -482,7 +483,6 @@ def sample_latents(model: torch.nn.Module, y: Tensor, noise: Tensor, *,
     if noise.shape[0] != y.shape[0]:
         raise ValueError(f"noise has {noise.shape[0]} rows but y has {y.shape[0]}")
     if model_cfg.second_time_input:  # a MeanFlow model's instantaneous velocity u(z, t, t)
-        from .meanflow import meanflow_velocity_fn
         model_fn = meanflow_velocity_fn(model, y, guidance.scale if guidance is not None else 1.0)
     else:
         model_fn = guided_model_fn(model, y, guidance)

@@ -1,6 +1,6 @@
 """On-disk latent dataset: writer, memory-mapped reader and validation.
 
-A dataset is one directory (the full description is in engine/DATA.md):
+A dataset is one directory (the full description is in engine/data/DATA.md):
 
     manifest.json          written last; its presence means "complete"
     latents-00000.npy      (n_0, C, H, W) float16 or float32
@@ -27,11 +27,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from engine.data.vae import SD_VAE_SCALE
+
 FORMAT_NAME = "dispersive-latents"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SUPPORTED_DTYPES = ("float16", "float32")
-DEFAULT_SCALE_FACTOR = 0.18215  # Stable Diffusion VAE latent scale used by DiT/SiT
 DEFAULT_SHARD_SIZE = 16384  # 16384 x 4x32x32 fp16 = 128 MiB per shard
 
 # get_batch switches from a row-by-row copy to one np.take per shard at this many rows
@@ -77,7 +78,7 @@ class LatentManifest:
     """Total number of samples (sum of shard counts)."""
     num_classes: int
     """Labels lie in [0, num_classes)."""
-    scale_factor: float = DEFAULT_SCALE_FACTOR
+    scale_factor: float = SD_VAE_SCALE
     """VAE latent scale factor (1.0 for data that is not VAE latents)."""
     scale_applied: bool = True
     """True when the stored latents are already multiplied by scale_factor."""
@@ -224,7 +225,7 @@ class LatentDatasetWriter:
         num_classes: int,
         dtype: str = "float16",
         shard_size: int = DEFAULT_SHARD_SIZE,
-        scale_factor: float = DEFAULT_SCALE_FACTOR,
+        scale_factor: float = SD_VAE_SCALE,
         scale_applied: bool = True,
         flipped_copies: bool = False,
         source: str = "",

@@ -1,6 +1,6 @@
 """Loaders for latent datasets: a DALI pipeline and a torch DataLoader, one contract.
 
-The contract (written out in engine/DATA.md) is computed by ``BatchSchedule`` and both
+The contract (written out in engine/data/DATA.md) is computed by ``BatchSchedule`` and both
 backends only execute it, so for the same (dataset, seed, micro_batch, rank, world_size)
 they produce identical batches:
 
@@ -29,7 +29,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 
-from engine.latents import LatentDataset, open_latent_dataset
+from engine.data.format import LatentDataset, open_latent_dataset
 
 Backend = Literal["auto", "dali", "torch"]
 Batch = dict[str, torch.Tensor]
@@ -352,7 +352,7 @@ class DaliLatentLoader(LatentLoader):
     consumed. A CPU pipeline (device_id=None) serves CPU training; for a CUDA device the
     flip runs on that GPU and the output lands in GPU memory.
 
-    Measured on a 2-core CPU (numbers in engine/DATA.md), a plain one-latent-per-DALI-
+    Measured on a 2-core CPU (numbers in engine/data/DATA.md), a plain one-latent-per-DALI-
     sample pipeline (fn.cast to float32, then fn.flip) ran at a third to half of the
     in-process DataLoader's speed: DALI's CPU operators cost ~2-5 us per sample whatever
     its size (fn.flip with an argument input ~3.5 us, fn.cast fp16->fp32 ~4.7 us for a

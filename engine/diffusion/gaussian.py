@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .transport import mean_flat, parse_choice
+from engine.diffusion.transport import mean_flat, parse_choice
 
 
 class NoiseSchedule(str, Enum):

@@ -1,0 +1,1 @@
+"""Configuration machinery: typed dataclasses <-> command-line flags, shared value checks, repository paths."""

@@ -1,0 +1,1 @@
+"""Diffusion processes: SiT's stochastic-interpolant transport and DiT's Gaussian diffusion (DDPM)."""

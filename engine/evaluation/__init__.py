@@ -1,0 +1,1 @@
+"""Evaluation: ADM's sample metrics (FID, sFID, IS, precision/recall), the Frechet distance, Inception, the linear probe."""

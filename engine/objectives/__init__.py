@@ -1,0 +1,1 @@
+"""Training objectives: the Dispersive Loss term and the SiT, DiT and MeanFlow objectives that carry it."""

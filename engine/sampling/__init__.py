@@ -1,0 +1,1 @@
+"""Sampling: classifier-free guidance, the releases' samplers, images and sample files."""
