@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
+from engine.config.checks import parse_choice
 from engine.diffusion.transport import (CheckMode, DiffusionForm, LossWeight, PathType, Prediction, Transport,
-                              TransportConfig, expand_like, parse_choice)
+                                        TransportConfig, expand_like)
 
 PATHS = ["linear", "gvp", "vp"]
 PREDICTIONS = ["velocity", "noise", "score"]

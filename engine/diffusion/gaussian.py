@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine.diffusion.transport import mean_flat, parse_choice
+from engine.config.checks import parse_choice
+from engine.diffusion.transport import mean_flat
 
 
 class NoiseSchedule(str, Enum):

@@ -28,33 +28,18 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from enum import Enum
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-E = TypeVar("E", bound=Enum)
+from engine.config.checks import parse_choice
+
 
 
 # ---------------------------------------------------------------------------------------
 # Choices: enums parsed from user strings with an error that lists the valid spellings
 # ---------------------------------------------------------------------------------------
-
-
-def parse_choice(enum_cls: type[E], value: object, what: str) -> E:
-    """``value`` as a member of ``enum_cls`` (member, or its value/name in any case).
-
-    ValueError listing the valid names otherwise, so a typo never selects a default.
-    """
-    if isinstance(value, enum_cls):
-        return value
-    if isinstance(value, str):
-        key = value.strip().lower().replace("_", "-")
-        for member in enum_cls:
-            if key in (str(member.value).lower(), member.name.lower().replace("_", "-")):
-                return member
-    valid = ", ".join(repr(m.value) for m in enum_cls)
-    raise ValueError(f"unknown {what} {value!r}; valid: {valid}")
 
 
 def _lookup(args: Any, key: str) -> Any:

@@ -38,7 +38,8 @@ from torch import Tensor
 
 from engine.diffusion.gaussian import DiffusionConfig, GaussianDiffusion
 from models import unwrap_model
-from engine.diffusion.transport import Transport, TransportConfig, parse_choice
+from engine.config.checks import parse_choice
+from engine.diffusion.transport import Transport, TransportConfig
 
 BlockSpec = Union[int, Sequence[int], Literal["last", "all", "paper"]]
 Scope = Literal["local", "global"]

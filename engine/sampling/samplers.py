@@ -27,7 +27,8 @@ from torch import Tensor
 from models import unwrap_model
 from engine.diffusion.gaussian import DiffusionConfig, GaussianDiffusion
 from engine.sampling.meanflow import meanflow_velocity_fn, sample_meanflow
-from engine.diffusion.transport import CheckMode, DiffusionForm, PathType, Transport, TransportConfig, expand_like, parse_choice
+from engine.config.checks import parse_choice
+from engine.diffusion.transport import CheckMode, DiffusionForm, PathType, Transport, TransportConfig, expand_like
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 
