@@ -7,8 +7,12 @@ variants (InfoNCE-L2, hinge) with ``W = dL/dd`` (symmetric, N x N)
 
     dL/dZ = (4 / D) * (diag(W 1) - W) Z                       # one N x N by N x D product
 
-(InfoNCE-L2: ``W = -P / tau``). Nothing of size N x N x D is formed, and besides z
-and its gradient only one slab (``SLAB_BYTES``) is alive at a time.
+(InfoNCE-L2: ``W = -P / tau``), applied to the rows shifted as in forward (``Z - 1 z_0^T``:
+the same product, the matrix has zero row sums, but rounded at the rows' spread instead
+of their common offset; ``_apply_left``). Nothing of size N x N x D is formed, and
+besides z and its gradient only one slab (``SLAB_BYTES``; ``BACKWARD_SLAB_BYTES`` in a
+CPU backward) is alive at a time. ``differentiable_loss`` is the same loss in plain torch
+ops, for backward passes with create_graph=True (exact second derivatives, ``kernels.ops``).
 
 Why slabs: bf16/fp16 inputs must be accumulated in fp32, and shifting the rows (which
 the distance variants do to avoid cancellation in ``s_i + s_j - 2 G_ij``) needs a
@@ -39,6 +43,9 @@ from .reference import COSINE_EPS
 # dz's pooled buffer, lent to the forward), so it does not raise the peak.
 SLAB_BYTES = 16 << 20
 _DISTANCE_VARIANTS = ("infonce_l2", "hinge")
+# The backward's shifted slab (CPU): small enough to stay in cache between the shift and
+# the product that reads it, see _apply_left.
+BACKWARD_SLAB_BYTES = 2 << 20
 SPLIT_K_BELOW_ROWS, SPLIT_K_CHUNK = 16, 2048     # see _accumulate_gram
 
 
@@ -46,15 +53,15 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _slab_width(n: int) -> int:
+def _slab_width(n: int, slab_bytes: int = SLAB_BYTES) -> int:
     """Columns per slab of an N-row matrix."""
-    return max(256, SLAB_BYTES // (4 * n))
+    return max(256, slab_bytes // (4 * n))
 
 
-def _slabs(z: torch.Tensor) -> Iterator[slice]:
-    """Column slices of ``z`` (N, D), ``_slab_width(N)`` columns each."""
+def _slabs(z: torch.Tensor, slab_bytes: int = SLAB_BYTES) -> Iterator[slice]:
+    """Column slices of ``z`` (N, D), ``_slab_width(N, slab_bytes)`` columns each."""
     n, d = z.shape
-    width = _slab_width(n)
+    width = _slab_width(n, slab_bytes)
     for start in range(0, d, width):
         yield slice(start, min(start + width, d))
 
@@ -127,13 +134,41 @@ def _scratch(z: torch.Tensor, dtype: torch.dtype, backward_follows: bool) -> tor
     return flat[:nbytes].view(dtype).view(shape)
 
 
-def _apply_left(mix: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``mix @ z`` with fp32 accumulation, returned in z's dtype (on the CPU in pooled memory)."""
+def _apply_left(mix: torch.Tensor, z: torch.Tensor, shift: bool) -> torch.Tensor:
+    """``mix @ (z - z_0)`` (``shift``) or ``mix @ z`` with fp32 accumulation, in z's dtype
+    (on the CPU in pooled memory).
+
+    The shift is the forward's (``_gram``): ``mix`` of the distance variants has zero row
+    sums, so it changes nothing but the rounding. Without it the product rounds at the size
+    of the component the rows share (fp32 rows with a common offset of 1e6: gradient 1e-1
+    off, 3e-7 shifted), and no correction after the product can undo that.
+
+    The shifted (or widened) slab goes to one pooled buffer reused for every slab, on the CPU
+    small enough (``BACKWARD_SLAB_BYTES``) to be read back from cache by the product and to
+    stay under 10 % of z at the SiT-XL size. Cost, N = 32, D = 294,912 fp32 forward+backward
+    on the 2-core VM, interleaved with the unshifted product: +0.2 to +1.9 ms on ~18 ms when
+    the VM is quiet, more when it is busy (each slab is two parallel regions where the
+    unshifted product was one). Staging the shifted columns in the gradient itself (halving
+    what is left, no buffer) took +2 to +4 ms; 16-bit inputs got faster (fewer fresh buffers).
+    """
     out = host_memory.empty(z.shape, z.dtype, z.device)
-    if z.dtype == mix.dtype:
+    if not shift and z.dtype == mix.dtype:
         return torch.mm(mix, z, out=out)
-    for cols in _slabs(z):
-        out[:, cols] = (mix @ z[:, cols].to(mix.dtype)).to(z.dtype)
+    slab_bytes = BACKWARD_SLAB_BYTES if z.device.type == "cpu" else SLAB_BYTES
+    shape = (z.shape[0], min(z.shape[1], _slab_width(z.shape[0], slab_bytes)))
+    buf = host_memory.empty(shape, mix.dtype, z.device)
+    product = None if z.dtype == mix.dtype else host_memory.empty(shape, mix.dtype, z.device)
+    z0 = z[0].to(mix.dtype) if shift else None
+    for cols in _slabs(z, slab_bytes):
+        x = buf[:, : cols.stop - cols.start]
+        if shift:
+            torch.sub(z[:, cols], z0[cols], out=x)
+        else:
+            x.copy_(z[:, cols])
+        if product is None:
+            torch.mm(mix, x, out=out[:, cols])
+        else:  # 16-bit: the fp32 product, then rounded into z's dtype
+            out[:, cols].copy_(torch.mm(mix, x, out=product[:, : x.shape[1]]))
     return out
 
 
@@ -148,6 +183,37 @@ def infonce_from_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     """(log mean exp over all N^2 entries, softmax P over all entries)."""
     lse = torch.logsumexp(logits.flatten(), dim=0)
     return lse - math.log(logits.numel()), torch.exp(logits - lse)
+
+
+def differentiable_loss(z: torch.Tensor, variant: str, tau: float, margin: float,
+                        normalize_by_dim: bool) -> torch.Tensor:
+    """The loss of z (..., N, D) (one per leading index) in plain, twice-differentiable torch ops.
+
+    What a double backward differentiates (``kernels.ops``: the backward with create_graph=True):
+    autograd of these ops gives exact second derivatives, where the closed-form backward treats
+    ``mix`` as a constant. Gram-based like the fast path (the distance variants on rows shifted
+    by row 0, so a common offset does not cancel), nothing N x N x D and no ``cdist`` (torch has
+    no double backward for it). Accumulates in fp32 (fp64 for fp64); costs a shifted or
+    normalised copy of z plus what autograd saves, O(N D).
+    """
+    x = z.to(accumulation_dtype(z.dtype))
+    n, d = x.shape[-2:]
+    if variant in _DISTANCE_VARIANTS:
+        x = x - x[..., :1, :]
+        gram = x @ x.mT
+        s = gram.diagonal(dim1=-2, dim2=-1)
+        scale = 1.0 / d if normalize_by_dim else 1.0
+        off_diagonal = 1 - torch.eye(n, dtype=x.dtype, device=x.device)     # d_ii = 0 exactly
+        dist = ((s[..., :, None] + s[..., None, :] - 2 * gram) * scale).clamp_min(0) * off_diagonal
+        if variant == "hinge":
+            return (margin - dist).clamp_min(0).square().mean(dim=(-2, -1))
+        return torch.logsumexp((-dist / tau).flatten(-2), dim=-1) - math.log(n * n)
+    xn = x / x.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)           # F.normalize
+    if variant == "infonce_cosine":
+        return torch.logsumexp((xn @ xn.mT / tau).flatten(-2), dim=-1) - math.log(n * n)
+    xc = xn - xn.mean(dim=-2, keepdim=True)                                # covariance
+    return ((xc @ xc.mT).square().sum(dim=(-2, -1)) / n**2
+            - (xc.square().sum(dim=-2) / n).square().sum(dim=-1))
 
 
 def _distance_forward(gram: torch.Tensor, variant: str, tau: float, margin: float, scale: float):
@@ -277,4 +343,4 @@ def gram_backward(grad_out: torch.Tensor, z: torch.Tensor, mix: torch.Tensor, st
     grad_out = grad_out.to(mix.dtype)
     if variant == "covariance":
         return _covariance_backward(z, mix, state[0], grad_out)
-    return _apply_left(mix * grad_out, z)
+    return _apply_left(mix * grad_out, z, variant in _DISTANCE_VARIANTS)

@@ -15,6 +15,13 @@ inductor trace through the op without a graph break and without a host sync).
 ``dispersive_op`` is the entry point: the custom op while anything traces, and in
 eager mode ``_Eager``, a plain ``autograd.Function`` over the same two implementations
 (the op's dispatch is pure host overhead there).
+
+Double backward: the closed-form backward holds ``mix`` constant, so a backward run with
+create_graph=True (grad mode on inside it) differentiates ``gram.differentiable_loss``
+instead, on both backends and both paths: exact second derivatives, at the cost of plain
+torch ops and O(N D) saved tensors in that backward only. A plain backward, and compiled
+graphs (AOTAutograd traces the backward without create_graph), keep ``dispersive::backward``;
+torch.compile itself refuses a double backward (RuntimeError).
 """
 from __future__ import annotations
 
@@ -70,16 +77,34 @@ def _backward_fake(grad, z, mix, state, variant, backend):
     return torch.empty_like(z, memory_format=torch.contiguous_format)
 
 
+def _differentiable_grad(grad_loss: Tensor, z: Tensor, z2: Tensor, options: tuple) -> Tensor:
+    """dL/dz for a backward with create_graph=True: differentiable in z and grad_loss.
+
+    The closed-form backward holds ``mix`` and ``state`` constant, so its gradient is right
+    but the graph it would leave for a second derivative is not. Here autograd differentiates
+    ``gram.differentiable_loss`` of ``z2`` (z flattened, in the graph of z) instead: second
+    derivatives are exact. Plain torch ops, both backends; only this backward pays for it.
+    """
+    with torch.enable_grad():
+        loss = gram_path.differentiable_loss(z2, *options)
+        dz, = torch.autograd.grad(loss, z, grad_loss.to(loss.dtype), create_graph=True)
+    return dz
+
+
 def _setup_context(ctx, inputs, output):
-    z, variant, _tau, _margin, _normalize_by_dim, backend = inputs
+    z, variant, tau, margin, normalize_by_dim, backend = inputs
     _loss, mix, state = output
     ctx.save_for_backward(z, mix, state)
-    ctx.variant, ctx.backend = variant, backend
+    ctx.options, ctx.backend = (variant, tau, margin, normalize_by_dim), backend
 
 
 def _backward(ctx, grad_loss, _grad_mix, _grad_state):
     z, mix, state = ctx.saved_tensors
-    return backward_op(grad_loss, z, mix, state, ctx.variant, ctx.backend), None, None, None, None, None
+    if torch.is_grad_enabled():  # create_graph=True: a double backward may follow
+        dz = _differentiable_grad(grad_loss, z, z, ctx.options)
+    else:
+        dz = backward_op(grad_loss, z, mix, state, ctx.options[0], ctx.backend)
+    return dz, None, None, None, None, None
 
 
 forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -120,16 +145,18 @@ class _Eager(torch.autograd.Function):
     def forward(ctx, z, variant, tau, margin, normalize_by_dim, backend, stacked, backward_follows):
         z2 = z if stacked else flatten_rows(z)
         loss, mix, state = _forward_impl(z2, variant, tau, margin, normalize_by_dim, backend, backward_follows)
-        ctx.save_for_backward(z2, mix, state)
-        ctx.variant, ctx.backend, ctx.shape = variant, backend, z.shape
+        ctx.save_for_backward(z, z2, mix, state)   # z: in its graph, for a double backward
+        ctx.options, ctx.backend, ctx.stacked = (variant, tau, margin, normalize_by_dim), backend, stacked
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # as the op: no double backward (mix is a constant here)
     def backward(ctx, grad_loss):
-        z2, mix, state = ctx.saved_tensors
-        dz = _backward_impl(grad_loss, z2, mix, state, ctx.variant, ctx.backend)
-        return _unviewed(dz, ctx.shape), None, None, None, None, None, None, None
+        z, z2, mix, state = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: exact second derivatives, as the op
+            dz = _differentiable_grad(grad_loss, z, z if ctx.stacked else flatten_rows(z), ctx.options)
+        else:
+            dz = _unviewed(_backward_impl(grad_loss, z2, mix, state, ctx.options[0], ctx.backend), z.shape)
+        return dz, None, None, None, None, None, None, None
 
 
 def dispersive_op(z: Tensor, variant: str, tau: float, margin: float, normalize_by_dim: bool,

@@ -87,10 +87,32 @@ def test_eager_calls_skip_the_op_dispatch_with_identical_results(variant, rng):
     assert torch.equal(loss, loss_op) and torch.equal(grad, grad_op)
 
 
-def test_double_backward_raises_instead_of_a_wrong_answer(rng):
+def test_double_backward_is_exact_eagerly_and_refused_when_compiled(rng):
+    """Eager calls and the op (tests/test_dispersive_fidelity.py has the full checks): a backward
+    with create_graph=True differentiates a plain-torch formula, so second derivatives are exact
+    (this test asserted a RuntimeError before they were). Compiled graphs keep the closed-form
+    ``dispersive::backward`` (AOTAutograd traces the backward without create_graph), and a double
+    backward through them raises: torch.compile does not support it."""
+    from torch._dynamo.backends.common import aot_autograd
+
     z = torch.randn(6, 9, generator=rng, dtype=torch.float64, requires_grad=True)
-    grad, = torch.autograd.grad(kernels.dispersive_loss(z, variant="hinge", margin=3.0), z, create_graph=True)
-    with pytest.raises(RuntimeError):
+    loss = lambda z: kernels.dispersive_loss(z, variant="hinge", margin=3.0)  # noqa: E731
+    assert torch.autograd.gradgradcheck(loss, (z,))
+
+    torch._dynamo.reset()
+    backward_nodes = []
+
+    def keep_backward(gm, example_inputs):
+        backward_nodes.extend(str(node.target) for node in gm.graph.nodes)
+        return gm
+
+    compiled = torch.compile(loss, backend=aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=keep_backward),
+                             fullgraph=True)
+    grad, = torch.autograd.grad(compiled(z), z)
+    torch.testing.assert_close(grad, torch.autograd.grad(loss(z), z)[0])
+    assert any("dispersive.backward" in t for t in backward_nodes), backward_nodes
+    with pytest.raises(RuntimeError):  # at create_graph=True already, or at the second grad
+        grad, = torch.autograd.grad(compiled(z), z, create_graph=True)
         torch.autograd.grad(grad.square().sum(), z)
 
 
