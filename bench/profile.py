@@ -103,7 +103,8 @@ def time_kernels(device: torch.device, dtype: torch.dtype, sizes, providers, ste
 def _train_setup(device: torch.device, quick: bool):
     """A small SiT, a batch and a step function with the term on every block."""
     import models
-    from engine.objectives.base import DispersiveConfig, build_objective
+    from engine.objectives.build import build_objective
+    from engine.objectives.dispersive import DispersiveConfig
 
     if quick:
         model = models.create_model("sit_s", input_size=8, depth=2, hidden_size=64, num_heads=2, num_classes=10)

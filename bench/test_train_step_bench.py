@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 
 import models
-from engine.objectives.base import DispersiveConfig, build_objective
+from engine.objectives.build import build_objective
+from engine.objectives.dispersive import DispersiveConfig
 
 from .conftest import BenchSettings
 from .providers import release_term

@@ -22,8 +22,8 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
 from engine.data.datasets import check_dataset
 from engine.config.flags import add_config_arguments, apply_overrides, config_from_dict, config_to_dict, overrides_from_args
 from engine.training.config import TrainConfig
-from engine.objectives.meanflow import MEANFLOW_PRESETS, meanflow_preset
-from engine.objectives.base import DispersiveConfig
+from engine.objectives.dispersive import DispersiveConfig
+from engine.objectives.meanflow_presets import MEANFLOW_PRESETS, meanflow_preset
 
 
 def parse(argv: list[str] | None = None) -> TrainConfig:
@@ -77,9 +77,6 @@ def _apply_meanflow_preset(cfg: TrainConfig, name: str) -> TrainConfig:
 
 def check_before_launch(cfg: TrainConfig) -> None:
     """Everything that can fail is checked here, before any process group or model exists."""
-    import models
-
-    models.resolve_name(cfg.model.name)  # unknown model: the error lists the valid names
     cfg.batch_layout(int(os.environ.get("WORLD_SIZE", "1")))
     check_dataset(cfg.data.data)
     if cfg.deepspeed_config and not Path(cfg.deepspeed_config).exists():

@@ -14,7 +14,7 @@ from .checkpoint import (
 from .config import ModelConfig
 from .dit import DiffusionTransformer, resolve_blocks, sincos_2d, timestep_embedding
 from .flops import flops_per_sample, macs_breakdown, macs_per_sample
-from .wrappers import unwrap_model
+from .wrappers import labels_as_given, unwrap_model
 from .registry import MODELS, SIZES, create_model, get_config, list_models, release_name, resolve_name
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "flash_attn_available",
     "flops_per_sample",
     "get_config",
+    "labels_as_given",
     "infer_config",
     "list_models",
     "load_checkpoint_file",

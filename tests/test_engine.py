@@ -208,7 +208,7 @@ def test_literal_sit_xl_command_zero3_bf16_two_ranks(tmp_path):
 def test_a_gvp_noise_run_samples_with_its_own_transport(tmp_path):
     """Trained with --transport-path gvp --transport-prediction noise: sampling its checkpoint
     with no transport flags gives exactly the samples of asking for gvp/noise."""
-    from engine.sampling.generate import main as sample
+    from engine.sample import main as sample
 
     run_engine([*COMMON, "--transport-path", "gvp", "--transport-prediction", "noise", "--max-steps", "2",
                 "--results-dir", str(tmp_path / "run")])

@@ -9,7 +9,7 @@ import torch
 from engine.training.checkpoint import COMPLETE, CheckpointDir, atomic_torch_save
 from engine.training.config import TrainConfig
 from engine.train import parse
-from engine.training.trainer import deepspeed_config
+from engine.training.deepspeed_setup import deepspeed_config
 
 
 def _error(capsys, argv) -> str:
@@ -48,11 +48,16 @@ def test_config_file_round_trip(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "sit_q"], "unknown model"),
-    (["--disp-tau", "0"], "tau must be > 0"),
-    (["--disp-tau", "-1"], "tau must be > 0"),
+    (["--disp-tau", "0"], "DispersiveConfig.tau must be a finite number > 0, got 0.0"),
+    (["--disp-tau", "-1"], "DispersiveConfig.tau must be a finite number > 0, got -1.0"),
+    (["--lr", "nan"], "OptimSection.lr must be a finite number > 0, got nan"),
+    (["--timeout-minutes", "0"], "TrainConfig.timeout_minutes must be a finite number > 0, got 0.0"),
+    (["--timeout-minutes", "-1"], "TrainConfig.timeout_minutes must be a finite number > 0, got -1.0"),
+    (["--max-steps", "0"], "TrainConfig.max_steps must be an int >= 1, got 0"),
+    (["--model", "dit_s", "--objective", "meanflow"], "'meanflow' needs a SiT"),
     (["--global-batch", "10", "--micro-batch", "4"], "not divisible"),
     (["--data", "/nonexistent/latents"], "no latent dataset"),
-    (["--disp-variant", "l2"], "unknown dispersive variant"),
+    (["--disp-variant", "l2"], "invalid choice: 'l2'"),
     (["--zero-stage", "4"], "invalid choice"),
     (["--resume", "/nonexistent/ckpt"], "no such checkpoint"),
 ])
@@ -118,3 +123,17 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(target, weights_only=True) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("precision", "fp64", "TrainConfig.precision must be one of 'fp32', 'bf16', got 'fp64'"),
+    ("zero_stage", 7, "TrainConfig.zero_stage must be one of 0, 1, 2, 3, got 7"),
+    ("ema_decay", 1.5, "TrainConfig.ema_decay must be a finite number >= 0 and < 1, got 1.5"),
+])
+def test_config_json_values_are_checked_against_the_field_types(tmp_path, capsys, key, value, message):
+    from engine.config.flags import config_to_dict
+    data = config_to_dict(TrainConfig())
+    data[key] = value
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    assert message in _error(capsys, ["--config", str(path)])

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 import models
-from engine.objectives.meanflow import (MEANFLOW_PRESETS, MeanFlowConfig, MeanFlowObjective, adaptive_weighted,
-                             average_velocity_jvp, build_meanflow_objective, guided_velocity,
-                             meanflow_preset, meanflow_target, sample_times)
+from engine.objectives.build import build_objective
+from engine.objectives.meanflow import (MeanFlowConfig, MeanFlowObjective, adaptive_weighted, average_velocity_jvp,
+                                        guided_velocity, meanflow_target, sample_times)
+from engine.objectives.meanflow_presets import MEANFLOW_PRESETS, meanflow_preset
 from engine.sampling.meanflow import meanflow_times, meanflow_velocity_fn, sample_meanflow
-from engine.objectives.base import DispersiveConfig
+from engine.objectives.dispersive import DispersiveConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(input_size=8, patch_size=2, depth=2, hidden_size=64, num_heads=4, num_classes=10,
@@ -160,7 +161,7 @@ def test_sampler_guidance_and_grids(rng):
 def test_velocity_fn_drives_the_sit_ode(rng):
     """A MeanFlow model as an instantaneous-velocity field in SiT's time: one Euler step of the
     SiT ODE from noise (s = 0) to data (s = 1) equals MeanFlow's z_0 = z_1 - u(z_1, 1, 1)."""
-    from engine.sampling.samplers import sample_ode
+    from engine.sampling.integrators import sample_ode
 
     model = tiny_model().eval()
     noise, y = batch(rng)
@@ -224,7 +225,8 @@ def test_objective_loss_is_the_weighted_error(rng):
 def test_objective_trains_with_dispersive_term(rng):
     model = tiny_model(class_dropout_prob=0.1).train()
     x, y = batch(rng, n=8)
-    objective = build_meanflow_objective(MeanFlowConfig(), DispersiveConfig(lambda_=0.5, tau=1.0, blocks="all"))
+    objective = build_objective("meanflow", meanflow=MeanFlowConfig(),
+                                dispersive=DispersiveConfig(lambda_=0.5, tau=1.0, blocks="all"))
     out = objective(model, x, y, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
     assert set(out) >= {"loss", "diffusion_loss", "dispersive_total", "dispersive/block_0", "dispersive/block_1",
@@ -237,7 +239,7 @@ def test_objective_trains_with_dispersive_term(rng):
     assert grads["blocks.0.attn.qkv.weight"].abs().sum() > 0 and grads["h_embedder.mlp.0.weight"].abs().sum() > 0
     # the dispersive term contributes its own gradient
     model.zero_grad()
-    plain = build_meanflow_objective(MeanFlowConfig())(model, x, y, generator=torch.Generator().manual_seed(0))
+    plain = build_objective("meanflow", meanflow=MeanFlowConfig())(model, x, y, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(plain["diffusion_loss"], out["diffusion_loss"])
     plain["loss"].backward()
     assert not torch.allclose(model.blocks[0].attn.qkv.weight.grad, grads["blocks.0.attn.qkv.weight"])
@@ -247,7 +249,7 @@ def test_objective_trains_with_dispersive_term(rng):
 def test_objective_under_bf16_autocast(rng, attention):
     model = tiny_model(attention=attention)
     x, y = batch(rng)
-    objective = build_meanflow_objective(MeanFlowConfig(omega=0.5, kappa=0.3), "release")
+    objective = build_objective("meanflow", meanflow=MeanFlowConfig(omega=0.5, kappa=0.3), dispersive="release")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = objective(model, x.to(torch.bfloat16), y, generator=torch.Generator().manual_seed(0))
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
@@ -261,7 +263,7 @@ def test_objective_with_a_bf16_model(rng):
     """DeepSpeed's bf16 mode: bf16 weights, no autocast; the JVP runs in bf16, the loss in fp32."""
     model = tiny_model(dtype=torch.bfloat16)
     x, y = batch(rng)
-    out = build_meanflow_objective()(model, x.to(torch.bfloat16), y, generator=torch.Generator().manual_seed(0))
+    out = build_objective("meanflow")(model, x.to(torch.bfloat16), y, generator=torch.Generator().manual_seed(0))
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
     out["loss"].backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
@@ -313,7 +315,7 @@ def test_label_dropout_is_the_objectives_own(rng):
     loss does not depend on the global RNG, even for a model in train mode with dropout 0.5."""
     model = tiny_model(class_dropout_prob=0.5).train()
     x, y = batch(rng, n=16)
-    objective = build_meanflow_objective(MeanFlowConfig(omega=1.0, kappa=0.5))
+    objective = build_objective("meanflow", meanflow=MeanFlowConfig(omega=1.0, kappa=0.5))
     results = []
     for seed in (1, 2):
         torch.manual_seed(seed)
@@ -414,7 +416,7 @@ def test_model_checks():
     x, y = torch.zeros(2, 4, 8, 8), torch.zeros(2, dtype=torch.long)
     for bad in (dict(learn_sigma=True), dict(second_time_input=False)):
         with pytest.raises(ValueError, match="second_time_input=True, learn_sigma=False"):
-            build_meanflow_objective()(tiny_model(**bad), x, y)
+            build_objective("meanflow")(tiny_model(**bad), x, y)
     with pytest.raises(ValueError, match="second_time_input=True, learn_sigma=False"):
         sample_meanflow(models.create_model("dit_s", **{**TINY, "second_time_input": False}), y, x)
 
@@ -505,9 +507,10 @@ _DEEPSPEED_SCRIPT = textwrap.dedent("""
     import torch
     sys.path.insert(0, sys.argv[1])
     from engine.distributed import init_distributed
-    from engine.objectives.meanflow import MeanFlowConfig, build_meanflow_objective
+    from engine.objectives.build import build_objective
+    from engine.objectives.meanflow import MeanFlowConfig
     from engine.sampling.meanflow import sample_meanflow
-    from engine.objectives.base import DispersiveConfig
+    from engine.objectives.dispersive import DispersiveConfig
     from tests.test_meanflow import tiny_model
     import deepspeed
 
@@ -522,8 +525,8 @@ _DEEPSPEED_SCRIPT = textwrap.dedent("""
               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
               "steps_per_print": 10**9, "bf16": {"enabled": bf16}}
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
-        objective = build_meanflow_objective(MeanFlowConfig(omega=1.0, kappa=0.5),
-                                             DispersiveConfig(lambda_=0.25, blocks="last"))
+        objective = build_objective("meanflow", meanflow=MeanFlowConfig(omega=1.0, kappa=0.5),
+                                    dispersive=DispersiveConfig(lambda_=0.25, blocks="last"))
         gen = torch.Generator().manual_seed(0)
         x, y = torch.randn(8, 4, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen)
         valid = torch.ones(8, dtype=torch.bool)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import models
-from engine.evaluation.probe import (ProbeConfig, block_features, dispersion_stats, linear_probe, main,
-                          noised, probe_checkpoint, probe_model)
+from engine.evaluation.probe import (ProbeConfig, block_features, dispersion_stats, linear_probe, noised,
+                                     probe_checkpoint, probe_model)
+from engine.probe import main
 from engine.diffusion.transport import TransportConfig
 
 TINY = dict(depth=2, hidden_size=32, num_heads=2, input_size=16, in_channels=1, num_classes=10)
@@ -124,7 +125,7 @@ def test_block_features_shapes_and_null_labels():
 def test_null_labels_need_a_null_class():
     model = tiny_model(class_dropout_prob=0.0)
     x, y = digits(8)
-    with pytest.raises(ValueError, match="no null label"):
+    with pytest.raises(ValueError, match="null label.*--labels true.*needs a null class.*class_dropout_prob=0.0"):
         block_features(model, x, y, ProbeConfig())
 
 

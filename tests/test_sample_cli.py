@@ -18,8 +18,10 @@ import models
 from engine.sampling.images import make_grid, render_latents, save_npz, to_uint8
 from engine.config.flags import config_to_dict
 from engine.training.config import TrainConfig
-from engine.sampling.generate import main, sample_images
-from engine.sampling.samplers import Guidance, SamplerConfig
+from engine.sample import main
+from engine.sampling.generate import sample_images
+from engine.sampling.guidance import Guidance
+from engine.sampling.samplers import SamplerConfig
 from engine.diffusion.transport import LossWeight, PathType, Prediction, TransportConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,9 +112,9 @@ def test_fixed_classes_and_dit_ddim(tmp_path):
                   "--guidance-channels", "all", "--render", "minmax"])
     with np.load(paths["npz"]) as z:
         assert z["labels"].tolist() == [3, 7, 3, 7, 3] and z["arr_0"].shape == (5, 8, 8, 3)
-    with pytest.raises(ValueError, match="--sampler ode is for SIT models; this checkpoint holds a DIT model"):
+    with pytest.raises(ValueError, match="sampler 'ode' is for SIT models, but this is a DIT model"):
         main(["--ckpt", str(ckpt), "--out", str(tmp_path / "p"), "--sampler", "ode"])
-    with pytest.raises(ValueError, match="--classes"):
+    with pytest.raises(ValueError, match=r"SampleJob.classes must be labels in \[0, 9\], got \(3, 12\)"):
         main(["--ckpt", str(ckpt), "--out", str(tmp_path / "q"), "--classes", "3,12"])
 
 
@@ -157,9 +159,32 @@ def test_default_steps_are_the_releases(tmp_path, sampler, method, steps):
     assert manifest["sampler"]["num_steps"] == steps
 
 
-def test_unknown_sampler_name(sit_ckpt, tmp_path):
-    with pytest.raises(ValueError, match="unknown sampler 'heun'.*'ode', 'sde', 'ddpm', 'ddim'"):
-        main(["--ckpt", str(sit_ckpt), "--out", str(tmp_path / "o"), "--sampler", "heun"])
+def test_unknown_sampler_name(sit_ckpt, tmp_path, capsys):
+    for flag, name in (("--sampler", "heun"), ("--method", "rk45"), ("--last-step", "median")):
+        with pytest.raises(SystemExit) as err:
+            main(["--ckpt", str(sit_ckpt), "--out", str(tmp_path / "o"), flag, name])
+        assert err.value.code == 2
+        assert f"argument {flag}: '{name}' is not one of: " in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown SDE method 'rk4'.*'euler', 'heun'"):  # an ODE method for the SDE
+        main(["--ckpt", str(sit_ckpt), "--out", str(tmp_path / "o"), "--sampler", "sde", "--method", "rk4"])
+
+
+def test_sampler_and_guidance_flags_are_the_configs_fields(sit_ckpt, tmp_path, capsys):
+    """Only the flags given override: the kind follows the model, the steps and the method the kind."""
+    main(["--ckpt", str(sit_ckpt), "--out", str(tmp_path / "a"), "--no-progress", "--num-samples", "1",
+          "--sampler", "SDE", "--method", "Heun", "--num-steps", "3", "--last-step", "tweedie",
+          "--cfg-scale", "2", "--guidance-channels", "1", "--guidance-interval", "0.1", "0.9"])
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["sampler"] == config_to_dict(SamplerConfig(kind="sde", method="heun", num_steps=3,
+                                                               last_step="tweedie"))
+    assert manifest["guidance"] == {"scale": 2.0, "channels": 1, "interval": [0.1, 0.9]}
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines where it likes
+    for shown in ("{euler,midpoint,heun,rk4,dopri5}", "{ode,sde,ddpm,ddim,meanflow}", "{none,mean,tweedie,euler}",
+                  "--clip-denoised", "--cfg-scale", "--guidance-channels", "--guidance-interval",
+                  "default: the model's"):
+        assert shown in text, shown
 
 
 def test_transport_comes_from_release_args_unless_overridden():
@@ -255,7 +280,7 @@ def test_user_mistakes_are_one_line_not_a_traceback(tmp_path):
     for extra, message in ((["--ckpt", str(anonymous)], "fit sit_s or dit_s"),
                            (["--ckpt", str(tmp_path / "missing.pt")], "No such file"),
                            (["--ckpt", str(anonymous), "--model", "sit_s", "--num-samples", "0"],
-                            "--num-samples must be >= 1")):
+                            "SampleJob.num_samples must be an int >= 1, got 0")):
         proc = subprocess.run([sys.executable, "-m", "engine.sample", *extra, "--out", str(tmp_path / "o")],
                               cwd=REPO, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2, proc.stderr

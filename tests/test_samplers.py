@@ -6,8 +6,9 @@ import torch
 
 import models
 from engine.diffusion.gaussian import DiffusionConfig
-from engine.sampling.samplers import (Guidance, LastStep, ODEMethod, SamplerConfig, guided_model_fn, null_label,
-                             sample_ddim, sample_ddpm, sample_latents, sample_ode, sample_sde)
+from engine.sampling.guidance import Guidance, guided_model_fn
+from engine.sampling.integrators import LastStep, ODEMethod, sample_ddim, sample_ddpm, sample_ode, sample_sde
+from engine.sampling.samplers import SamplerConfig, sample_latents
 from engine.diffusion.transport import Transport, TransportConfig, expand_like
 from tests.conftest import fixture_path
 
@@ -259,7 +260,7 @@ def test_guidance_needs_a_null_class():
     assert fn(torch.randn(2, 1, 4, 4), torch.rand(2)).shape == (2, 1, 4, 4)
     with_null = models.create_model("sit_s", input_size=4, in_channels=1, hidden_size=16, depth=1,
                                     num_heads=2, num_classes=3)
-    assert null_label(with_null) == 3
+    assert Guidance(2.0).null_class(with_null.config) == 3 and Guidance(1.0).null_class(with_null.config) is None
 
 
 def test_bad_guidance_settings():

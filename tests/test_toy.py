@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from engine.experiments.toy import DigitClassifier, DispSetting, ToyConfig, _shift, main, sample_noise_and_labels
+from engine.experiments.classifier import DigitClassifier, random_shift
+from engine.experiments.scoring import sample_noise_and_labels
+from engine.experiments.settings import DispSetting, ToyConfig
+from engine.toy import main
 
 
 def test_disp_setting_flags_and_validation():
@@ -15,9 +19,11 @@ def test_disp_setting_flags_and_validation():
     assert s.flags() == ["--disp-preset", "release", "--disp-lambda", "0.5", "--disp-tau", "0.5",
                          "--disp-blocks", "0,2", "--disp-variant", "hinge"]
     assert DispSetting(blocks=[1, 3]).blocks == "1,3"
-    with pytest.raises(ValueError, match="unknown dispersive variant"):
+    grid = DispSetting.product([0.25, 0.5], [1.0], ["last", "all"], ["infonce_l2"])
+    assert [(g.lambda_, g.blocks) for g in grid] == [(0.25, "last"), (0.25, "all"), (0.5, "last"), (0.5, "all")]
+    with pytest.raises(ValueError, match="variant must be one of"):
         DispSetting(variant="nope")
-    with pytest.raises(ValueError, match="lambda > 0"):
+    with pytest.raises(ValueError, match="lambda_ must be > 0"):
         DispSetting(lambda_=0.0)
     with pytest.raises(ValueError, match="tau"):
         DispSetting(tau=0.0)
@@ -40,7 +46,7 @@ def test_classifier_and_fixed_noise():
     net = DigitClassifier()
     x = torch.randn(5, 1, 16, 16)
     assert net(x).shape == (5, 10) and net.features(x).shape == (5, DigitClassifier.FEATURES)
-    shifted = _shift(torch.zeros(2, 1, 16, 16), torch.Generator().manual_seed(3))
+    shifted = random_shift(torch.zeros(2, 1, 16, 16), torch.Generator().manual_seed(3))
     assert shifted.shape == (2, 1, 16, 16)
     cfg = ToyConfig.smoke()
     n1, y1 = sample_noise_and_labels(cfg)
@@ -68,8 +74,6 @@ def test_smoke_end_to_end_then_sweep_reuses_runs(tmp_path, capsys):
     assert {k: v for k, v in cfgs[0].items() if k not in ("dispersive", "results_dir")} == \
            {k: v for k, v in cfgs[1].items() if k not in ("dispersive", "results_dir")}
     # The samples were written in ADM's layout too.
-    import numpy as np
-
     with np.load(next((out / "runs").iterdir()) / "samples_ema.npz") as z:
         assert z["arr_0"].shape == (40, 16, 16, 3) and z["arr_0"].dtype == np.uint8
 

@@ -7,7 +7,8 @@ import torch
 
 from engine.training.config import DataSection, TrainConfig
 from engine.training.metrics import PhaseTimer
-from engine.objectives.base import DispersiveConfig, build_objective
+from engine.objectives.build import build_objective
+from engine.objectives.dispersive import DispersiveConfig
 from engine.train import parse
 from engine.training.trainer import Trainer, describe_data
 from tests.test_objective import tiny

@@ -66,6 +66,11 @@ def _parser_for(tp) -> dict[str, Any]:
     if origin is list:
         return {"nargs": "+", "type": get_args(tp)[0]}
     if get_origin(tp) in (Union, types.UnionType):
+        members = [a for a in get_args(tp) if a is not type(None)]
+        if all(isinstance(a, type) and issubclass(a, enum.Enum) for a in members):
+            # e.g. ``ODEMethod | SDEMethod``: any member's name; the config decides which enum
+            values = list(dict.fromkeys(str(e.value) for a in members for e in a))
+            return {"type": _choice_text(values), "metavar": "{" + ",".join(values) + "}"}
         # e.g. ``str | int | tuple[int, ...]`` for block choices; the config validates.
         return {"type": _int_list_or_text}
     if tp in (int, float, str):
@@ -80,6 +85,18 @@ def _int_list_or_text(text: str):
     except ValueError:
         return text
     return values[0] if len(values) == 1 else values
+
+
+def _choice_text(values: list[str]):
+    """A parser of one of ``values`` (any case, '_' for '-'), returned as spelt in ``values``."""
+    def parse(text: str) -> str:
+        key = text.strip().lower().replace("_", "-")
+        for value in values:
+            if key == value.lower():
+                return value
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of: {', '.join(values)}")
+    parse.__name__ = "choice"
+    return parse
 
 
 def _enum_parser(enum_cls):
@@ -116,11 +133,14 @@ def add_config_arguments(parser, cls, *, prefix: str = "", dest: str = "cfg",
     ``prefix`` goes in front of every flag name (``transport-`` -> ``--transport-path``);
     ``dest`` names the namespace the values land in (read back by ``overrides_from_args``);
     ``aliases`` maps a flag name to further spellings (e.g. a release's ``--path-type``).
+    A config class may say in words what a field's flag shows as its default
+    (``cli_defaults``: field -> text), where the value alone would mislead.
     """
     aliases = aliases or {}
     defaults = cls()  # the defaults shown are the whole config's (a section may default to a preset)
     for path, flag, f, help_text, tp in _walk(cls, prefix):
-        default = functools.reduce(getattr, path, defaults)
+        owner = functools.reduce(getattr, path[:-1], defaults)
+        default = getattr(type(owner), "cli_defaults", {}).get(path[-1], getattr(owner, path[-1]))
         if isinstance(default, enum.Enum):
             default = default.value
         shown = "" if default is None else f" (default: {default})"

@@ -1,6 +1,5 @@
-"""Linear probes and dispersion statistics of a SiT/DiT model's block outputs.
-
-    python -m engine.probe --ckpt runs/toy/runs/disp/checkpoints/0000600.pt --data digits --t 0.5
+"""Linear probes and dispersion statistics of a SiT/DiT model's block outputs (the command:
+``python -m engine.probe``).
 
 What it measures, for the raw weights and the EMA weights of a checkpoint (it holds both):
 
@@ -27,23 +26,23 @@ given its null ("unconditional") label, which exists when it was trained with la
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-
-import argparse
-import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from torch import Tensor
 
+import kernels
 import models
+from engine.data.datasets import digits_arrays
+from engine.data.format import open_latent_dataset
+from engine.diffusion.gaussian import DiffusionConfig
 from engine.diffusion.transport import Transport, TransportConfig
 
 LabelMode = Literal["null", "true"]
@@ -113,12 +112,8 @@ def load_labelled_latents(data: str | os.PathLike, *, size: int | None = None,
                           max_samples: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
     """(latents (N, C, H, W) float32, labels (N,) int64): "digits" or a latent dataset folder."""
     if str(data) == "digits":
-        from engine.data.datasets import digits_arrays
-
         x, y = digits_arrays(size or 16)
     else:
-        from engine.data.format import open_latent_dataset
-
         ds = open_latent_dataset(data)
         n = len(ds)
         idx = np.arange(n)
@@ -140,8 +135,6 @@ def noised(model: torch.nn.Module, x: Tensor, t: float, noise: Tensor,
         tt = torch.full((n,), float(t), dtype=torch.float32)
         x_t, _ = Transport(transport).interpolate(tt, noise, x)
         return x_t, tt
-    from engine.diffusion.gaussian import DiffusionConfig
-
     diffusion = DiffusionConfig(learn_sigma=cfg.learn_sigma).build()
     step = int(round((1.0 - t) * (diffusion.num_timesteps - 1)))
     steps = torch.full((n,), step, dtype=torch.long)
@@ -149,14 +142,14 @@ def noised(model: torch.nn.Module, x: Tensor, t: float, noise: Tensor,
 
 
 def model_labels(model: torch.nn.Module, y: Tensor, mode: LabelMode) -> Tensor:
-    cfg = models.unwrap_model(model).config
+    """What the model is told: y itself ("true") or its null label ("null"; a ValueError when
+    it has none)."""
     if mode == "true":
         return y
-    if cfg.class_dropout_prob <= 0:
-        raise ValueError("this model has no null label (class_dropout_prob = 0): probing it would need "
-                         "the true labels, which it reads through adaLN in every block; pass "
-                         "labels='true' (--labels true) knowing the probe then sees the label")
-    return torch.full_like(y, cfg.num_classes)
+    null = models.unwrap_model(model).config.require_null_class(
+        "probing with the null label (labels='null'; labels='true', --labels true, gives the model the true "
+        "label instead, which it reads through adaLN in every block, so the probe then sees the label)")
+    return torch.full_like(y, null)
 
 
 # ---------------------------------------------------------------------------------------
@@ -170,10 +163,8 @@ def block_features(model: torch.nn.Module, x: Tensor, y: Tensor, cfg: ProbeConfi
                    ) -> tuple[list[int], list[Tensor], list[Tensor]]:
     """(block indices, pooled features per block (N, D), flattened outputs of the first
     ``cfg.dispersion_samples`` rows per block (n, T*D)), all float32 on the CPU."""
-    from models import resolve_blocks
-
     inner = models.unwrap_model(model)
-    blocks = resolve_blocks(cfg.blocks if isinstance(cfg.blocks, str) else list(cfg.blocks), inner.config.depth)
+    blocks = models.resolve_blocks(cfg.blocks if isinstance(cfg.blocks, str) else list(cfg.blocks), inner.config.depth)
     device = next(inner.parameters()).device
     if noise is None:
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(cfg.seed))
@@ -202,8 +193,6 @@ def block_features(model: torch.nn.Module, x: Tensor, y: Tensor, cfg: ProbeConfi
 
 def dispersion_stats(z: Tensor, tau: float = 1.0) -> dict[str, float]:
     """Mean normalised pairwise squared distance, effective rank and InfoNCE-L2 of a batch (N, ...)."""
-    import kernels
-
     z = z.reshape(z.shape[0], -1).double()
     n, d = z.shape
     if n < 2:
@@ -226,7 +215,7 @@ def dispersion_stats(z: Tensor, tau: float = 1.0) -> dict[str, float]:
 
 
 def stratified_split(y: np.ndarray, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import train_test_split  # lazy: scikit-learn (with scipy) takes ~1 s to import
 
     idx = np.arange(len(y))
     train, test = train_test_split(idx, train_size=train_fraction, stratify=y, random_state=seed)
@@ -236,13 +225,11 @@ def stratified_split(y: np.ndarray, train_fraction: float, seed: int) -> tuple[n
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
                  C: float = 1.0, max_iter: int = 3000) -> float:
     """Top-1 of a logistic regression on standardised features."""
-    import warnings
-
+    # lazy: scikit-learn (with scipy) takes ~1 s to import, and only the probe's fits need it
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    from threadpoolctl import threadpool_limits
 
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
     # One BLAS thread: this problem is tiny (hundreds x D), and multi-threaded BLAS on a busy
@@ -302,54 +289,3 @@ def format_probe_table(reports: Sequence[ProbeReport], title: str | None = None)
             lines.append(f"| {r.weights} | {b.block} | {b.top1:.3f} | {b.mean_sq_dist:.4g} | {b.eff_rank:.1f} | "
                          f"{b.infonce_l2:.4f} ({b.floor:.4f}) |")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------
-
-
-def _blocks_arg(text: str) -> str | tuple[int, ...]:
-    if text in ("all", "last", "paper"):
-        return text
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--blocks must be all, last, paper or comma-separated ints, got {text!r}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine.probe", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint with 'model' and 'ema' weights")
-    p.add_argument("--data", default="digits", help="'digits' or a latent dataset folder (engine/data/DATA.md)")
-    p.add_argument("--t", type=float, default=0.5, help="noise level: 1 = data, 0 = noise (default 0.5)")
-    p.add_argument("--blocks", type=_blocks_arg, default="all", help="all, last, paper, or e.g. 0,3,5")
-    p.add_argument("--weights", nargs="+", choices=["model", "ema"], default=["model", "ema"])
-    p.add_argument("--labels", choices=["null", "true"], default="null",
-                   help="label given to the model (default: its null label)")
-    p.add_argument("--train-fraction", type=float, default=0.5)
-    p.add_argument("--max-samples", type=int, default=None, help="use at most this many latents")
-    p.add_argument("--dispersion-samples", type=int, default=256)
-    p.add_argument("--tau", type=float, default=1.0, help="temperature of the reported InfoNCE-L2")
-    p.add_argument("--C", type=float, default=1.0, help="inverse regularisation of the probe")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", default=None, help="also write the report here")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> list[ProbeReport]:
-    args = build_parser().parse_args(argv)
-    cfg = ProbeConfig(t=args.t, blocks=args.blocks, train_fraction=args.train_fraction, seed=args.seed,
-                      batch_size=args.batch_size, labels=args.labels, C=args.C,
-                      dispersion_samples=args.dispersion_samples, tau=args.tau)
-    reports = probe_checkpoint(args.ckpt, args.data, cfg, weights=args.weights, max_samples=args.max_samples,
-                               device=args.device)
-    print(format_probe_table(reports, f"{args.ckpt} at t = {args.t} (labels: {args.labels})"))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"config": asdict(cfg), "reports": [asdict(r) for r in reports]},
-                                              indent=2))
-    return reports

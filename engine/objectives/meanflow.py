@@ -61,17 +61,18 @@ Sampling: ``z_r = z_t - (t - r) u(z_t, r, t)`` from t = 1 (noise) down to 0 (dat
 
 from __future__ import annotations
 
-import contextlib
 import math
-import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Literal, NamedTuple, Sequence, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor
 
-from engine.objectives.base import DispersiveConfig, _Base
-from models import unwrap_model
+import models
+from engine.objectives.base import _Base
+from engine.objectives.dispersive import DispersiveConfig
+from engine.objectives.jvp import eager_forward, target_passes
+from models import labels_as_given, unwrap_model
 
 Reduction = Literal["sum", "mean"]
 REDUCTIONS: tuple[str, ...] = ("sum", "mean")
@@ -192,135 +193,6 @@ def check_meanflow_model(module: torch.nn.Module) -> Any:
     return cfg
 
 
-@contextlib.contextmanager
-def labels_as_given(module: torch.nn.Module) -> Iterator[None]:
-    """Switch off the model's own random label dropout (restored on exit).
-
-    MeanFlow drops labels itself: the target of a dropped row differs (no guidance), and the
-    JVP, the guidance passes and the loss forward must all see the same labels. The null-class
-    row of the label table stays. Under torch.compile the flag is a guarded constant that is
-    always 0 inside this context, so it causes no recompilation.
-    """
-    embedder = unwrap_model(module).y_embedder
-    old = embedder.dropout_prob
-    embedder.dropout_prob = 0.0
-    try:
-        yield
-    finally:
-        embedder.dropout_prob = old
-
-
-@contextlib.contextmanager
-def jvp_attention(module: torch.nn.Module) -> Iterator[None]:
-    """Attention that has forward-mode derivatives: SDPA with its math kernel.
-
-    SDPA's flash / memory-efficient kernels (CPU and CUDA) and flash-attn implement no
-    forward-mode AD; layers using them are switched to SDPA for the duration, and the math
-    kernel is forced. Layers on the model's explicit "math" backend are left alone.
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from models.dit import Attention
-
-    saved = []
-    for layer in unwrap_model(module).modules():
-        if isinstance(layer, Attention) and layer.backend != "math":
-            saved.append((layer, layer.backend, layer._flash))
-            layer.backend, layer._flash = "sdpa", None
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        for layer, backend, flash in saved:
-            layer.backend, layer._flash = backend, flash
-
-
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-               "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
-
-
-@contextlib.contextmanager
-def _forward_hooks_suspended(module: torch.nn.Module) -> Iterator[None]:
-    """Every submodule's forward (pre-)hooks set aside for the duration, then put back."""
-    saved = []
-    for sub in module.modules():
-        dicts = {name: getattr(sub, name) for name in _HOOK_DICTS if hasattr(sub, name)}
-        saved.append((sub, dicts))
-        for name, hooks in dicts.items():
-            setattr(sub, name, type(hooks)())
-    try:
-        yield
-    finally:
-        for sub, dicts in saved:
-            for name, hooks in dicts.items():
-                setattr(sub, name, hooks)
-
-
-@contextlib.contextmanager
-def gathered_parameters(module: torch.nn.Module) -> Iterator[None]:
-    """Full parameters under ZeRO-3, whose module holds partitioned placeholders; a no-op else.
-
-    Under ZeRO-3 the parameters are gathered once (``deepspeed.zero.GatheredParameters``) and
-    ZeRO-3's per-submodule fetch/release hooks are suspended meanwhile: the parameters are
-    already whole, the hooks wrap every submodule input in an autograd Function that has no
-    forward-mode rule (a JVP through them fails), and passes outside the engine's own forward
-    would only disturb ZeRO-3's record of the module order it prefetches by.
-    """
-    inner = unwrap_model(module)
-    params = list(inner.parameters())
-    if not any(hasattr(p, "ds_id") for p in params):
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None), _forward_hooks_suspended(inner):
-        yield
-
-
-@contextlib.contextmanager
-def plain_linear() -> Iterator[None]:
-    """torch's own ``F.linear`` for the duration.
-
-    Once a ZeRO-3 engine exists, DeepSpeed's "memory-efficient linear" (on by default) has
-    replaced ``torch.nn.functional.linear`` process-wide -- for every model, sharded or not --
-    with an autograd Function that has no forward-mode rule. DeepSpeed keeps the original as
-    ``linear_bk``; nothing to do when DeepSpeed's ZeRO-3 module was never imported.
-    """
-    import torch.nn.functional as F
-
-    patcher_module = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
-    patcher = getattr(patcher_module, "InsertPostInitMethodToModuleSubClasses", None)
-    original = getattr(patcher, "linear_bk", None)
-    current = F.linear
-    if original is None or current is original:
-        yield
-        return
-    F.linear = original
-    try:
-        yield
-    finally:
-        F.linear = current
-
-
-@contextlib.contextmanager
-def _target_passes(module: torch.nn.Module, jvp: bool) -> Iterator[None]:
-    """What the no-grad passes of the target run under; the JVP also needs forward-mode-safe
-    attention and ``F.linear`` (the guidance forwards keep the fast kernels)."""
-    with contextlib.ExitStack() as stack:
-        for ctx in (torch.no_grad(), gathered_parameters(module), labels_as_given(module)):
-            stack.enter_context(ctx)
-        if jvp:
-            stack.enter_context(plain_linear())
-            stack.enter_context(jvp_attention(module))
-        yield
-
-
-def _eager(module: torch.nn.Module) -> Callable[..., Tensor]:
-    """The unwrapped module's own forward: bypasses DeepSpeed and any ``nn.Module.compile``
-    wrapper (compiled graphs do not take forward-mode dual tensors)."""
-    return unwrap_model(module).forward
-
-
 # ---------------------------------------------------------------------------------------
 # Times, guided velocity, target
 # ---------------------------------------------------------------------------------------
@@ -360,8 +232,8 @@ def guided_velocity(module: torch.nn.Module, z: Tensor, t: Tensor, y: Tensor, v:
     n = z.shape[0]
     null = torch.full_like(y, cfg.require_null_class())
     h0 = torch.zeros_like(t)
-    forward = _eager(module)
-    with _target_passes(module, jvp=False):
+    forward = eager_forward(module)
+    with target_passes(module, jvp=False):
         if config.kappa > 0:
             both = forward(torch.cat([z, z]), torch.cat([t, t]), torch.cat([y, null]),
                            h=torch.cat([h0, h0])).float()  # (2N, C, H, W)
@@ -389,12 +261,12 @@ def average_velocity_jvp(module: torch.nn.Module, z: Tensor, r: Tensor, t: Tenso
     h is formed inside the differentiated function, so its tangent (1) comes from autodiff.
     """
     check_meanflow_model(module)
-    forward = _eager(module)
+    forward = eager_forward(module)
 
     def u_fn(z_: Tensor, r_: Tensor, t_: Tensor) -> Tensor:
         return forward(z_, t_, y, h=t_ - r_)
 
-    with _target_passes(module, jvp=True):
+    with target_passes(module, jvp=True):
         u, dudt = torch.func.jvp(u_fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
     return u, dudt
 
@@ -442,6 +314,16 @@ class MeanFlowObjective(_Base):
 
     config: MeanFlowConfig = field(default_factory=MeanFlowConfig)
     family: ClassVar[str] = "meanflow"
+
+    def model_overrides(self) -> dict[str, Any]:
+        """u(z, r, t) needs the second time input; the average velocity has no sigma half."""
+        return {"second_time_input": True, "learn_sigma": False}
+
+    def flops_per_image(self, config: Any) -> float:
+        return models.flops_per_sample(config) * self.config.forward_equivalents
+
+    def grid_sampler(self, steps: int) -> dict[str, Any]:
+        return {"kind": "meanflow", "num_steps": self.config.sample_steps}
 
     def compute(self, model: torch.nn.Module, x: Tensor, y: Tensor, t: Tensor, r: Tensor, noise: Tensor,
                 keep: Tensor | None = None, valid: Tensor | None = None, same_rows: int = 0
@@ -507,99 +389,9 @@ class MeanFlowObjective(_Base):
         return self.compute(model, x, y, t, r, noise, keep=keep, valid=valid, same_rows=same)
 
 
-def build_meanflow_objective(config: MeanFlowConfig | None = None,
-                             dispersive: DispersiveConfig | str | None = None) -> MeanFlowObjective:
-    """The MeanFlow objective; ``dispersive`` may be a config or a preset name ("release", ...)."""
-    if isinstance(dispersive, str):
-        dispersive = DispersiveConfig.preset(dispersive)
-    return MeanFlowObjective(dispersive=dispersive or DispersiveConfig(), config=config or MeanFlowConfig())
-
-
-# ---------------------------------------------------------------------------------------
-# Presets
-# ---------------------------------------------------------------------------------------
-
-
-class MeanFlowPreset(NamedTuple):
-    """A published MeanFlow recipe: ``model, model_overrides, meanflow, train = meanflow_preset(name)``."""
-
-    model: str
-    """Registry name of the backbone."""
-    model_overrides: dict[str, Any]
-    """``models.create_model`` arguments (second_time_input, learn_sigma, class_dropout_prob)."""
-    meanflow: MeanFlowConfig
-    """The objective's settings."""
-    train: dict[str, Any]
-    """TrainConfig overrides, nested like it: {"optim": {...}, "global_batch": ..., "ema_decay": ...,
-    "max_steps": ...} (the recipe's epochs at batch 256)."""
-
-
-# Every value below was checked against stored public code; the paper's own configuration table
-# (arXiv 2505.13447, Table 4) could not be reached from here, so a value is kept only where the
-# code or launch scripts give it:
-#   [O] the official JAX code, Gsunshine/meanflow (not stored under that name; read through the
-#       copy rese1f/meanflow, whose README is the official one's): configs/default.py,
-#       configs/run_b4.yml, meanflow.py, train.py, README.md
-#   [Z] zhuyu-cs/MeanFlow README.md (a version with one launch command per model, "based on the
-#       hyperparameters from the original paper": meanflow_b_4 ... meanflow_xl_2_plus)
-#   [F] NVlabs/FastGen fastgen/configs/experiments/DiT/config_mf_b.py and config_mf_xl.py (found
-#       by content; the path is the one FastGen's method README and config_mf_xl's import give)
-#   [A] snap-research/alphaflow infra/experiments/experiments-alphaflow.yaml (its MeanFlow runs)
-# Shared by all presets:
-#   t, r ~ logit-normal(-0.4, 1.0), sorted ........ [O] default.py P_mean/P_std, meanflow.py sample_tr; [Z]; [F] b
-#   r = t on 75% of rows (paper: 25% r != t) ...... [O] default.py data_proportion; [Z]; [F] b flow_matching_ratio
-#   adaptive weight p = 1, c = 0.01, on the per-sample SUM over (C, H, W)
-#                                                   [O] default.py norm_p/norm_eps, meanflow.py; [Z] p
-#   label dropout 0.1, on the leading (r = t) rows  [O] default.py class_dropout_prob, meanflow.py cond_drop;
-#                                                   [F] mean_flow.py _drop_condition; [A] label_dropout
-#   Adam b1 0.9, b2 0.95, no weight decay, lr 1e-4 constant, no warm-up
-#                                                   [O] train.py optax.adamw(weight_decay=0, b2), default.py; [F] b; [A]
-#   batch 256, EMA 0.9999 ......................... [O] default.py; [Z]; [A]
-#   length: epochs * 5004 steps (1,281,167 ImageNet-1k training images // 256)
-# Guidance and length per preset (effective CFG scale omega / (1 - kappa)):
-#   meanflow_b_4:       SiT-B/4, omega 1.0, kappa 0.5, t in [0, 1] (2.0) -- [O] default.py, which run_b4.yml
-#                       leaves as is; 80 epochs, the paper's ablation length ([O] README gives the paper's B/4
-#                       FIDs "@80ep"; [Z]; [A] B-4 400k steps), though [O] run_b4.yml itself trains 240.
-#                       ([Z] launches B/4 with omega 3.0, kappa 0: Table 1f's best plain-CFG scale.)
-#   meanflow_xl_2:      SiT-XL/2, omega 0.2, kappa 0.92, t in [0, 0.75] (2.5), 240 epochs, the 1-NFE
-#                       recipe -- [Z] meanflow_xl_2; [F] config_mf_xl.py guidance_scale/mixture_ratio/t_end;
-#                       [A] XL-2 cfg-training (t_min 0.0, t_max 0.75, 1.2M steps).
-#   meanflow_xl_2_plus: SiT-XL/2, omega 1.0, kappa 0.5, t in [0.3, 0.8] (2.0), 1000 epochs -- [Z]
-#                       meanflow_xl_2_plus only ([O], [F], [A] have no XL/2+ run).
-_STEPS_PER_EPOCH = 1_281_167 // 256
-_TRAIN = {"optim": {"lr": 1e-4, "betas": (0.9, 0.95), "weight_decay": 0.0, "warmup_steps": 0},
-          "global_batch": 256, "ema_decay": 0.9999}
-_MODEL = {"second_time_input": True, "learn_sigma": False, "class_dropout_prob": 0.1}
-
-
-def _recipe(model: str, epochs: int, **guidance: Any) -> MeanFlowPreset:
-    train = {**_TRAIN, "max_steps": epochs * _STEPS_PER_EPOCH}
-    return MeanFlowPreset(model, _MODEL, MeanFlowConfig(**guidance), train)
-
-
-_PRESETS: dict[str, MeanFlowPreset] = {
-    "meanflow_b_4": _recipe("sit_b_4", 80, omega=1.0, kappa=0.5),
-    "meanflow_xl_2": _recipe("sit_xl", 240, omega=0.2, kappa=0.92, guidance_interval=(0.0, 0.75)),
-    "meanflow_xl_2_plus": _recipe("sit_xl", 1000, omega=1.0, kappa=0.5, guidance_interval=(0.3, 0.8)),
-}
-MEANFLOW_PRESETS: tuple[str, ...] = tuple(_PRESETS)
-
-
-def meanflow_preset(name: str) -> MeanFlowPreset:
-    """``meanflow_b_4`` (SiT-B/4), ``meanflow_xl_2`` or ``meanflow_xl_2_plus`` (SiT-XL/2, the
-    paper's XL/2+); '-', '/' and '+' read as '_' ('MeanFlow-XL/2+' is meanflow_xl_2_plus)."""
-    key = str(name).strip().lower().replace("-", "_").replace("/", "_").replace("+", "_plus")
-    if key not in _PRESETS:
-        raise ValueError(f"unknown MeanFlow preset {name!r}; valid: {', '.join(MEANFLOW_PRESETS)}")
-    p = _PRESETS[key]
-    # fresh dicts, so a caller's edits never leak into the table
-    train = {k: (dict(v) if isinstance(v, dict) else v) for k, v in p.train.items()}
-    return MeanFlowPreset(p.model, dict(p.model_overrides), p.meanflow, train)
-
-
 __all__ = [
-    "LABEL_DROPS", "MEANFLOW_PRESETS", "MeanFlowConfig", "MeanFlowObjective", "MeanFlowPreset", "adaptive_weighted",
-    "average_velocity_jvp", "build_meanflow_objective", "check_meanflow_model", "gathered_parameters",
-    "guided_velocity", "jvp_attention", "labels_as_given", "plain_linear", "meanflow_preset", "meanflow_target",
+    "LABEL_DROPS", "MeanFlowConfig", "MeanFlowObjective", "adaptive_weighted",
+    "average_velocity_jvp", "check_meanflow_model", 
+    "guided_velocity", "labels_as_given", "meanflow_target",
     "sample_times",
 ]

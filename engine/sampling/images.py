@@ -18,6 +18,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 RenderMode = Literal["signed", "minmax"]
@@ -67,8 +68,6 @@ def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2,
 
 def save_png(image: np.ndarray, path: str | os.PathLike, min_side: int = 256) -> Path:
     """Write an (H, W, 3) uint8 image; tiny images are enlarged (nearest) to ``min_side``."""
-    from PIL import Image
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(image)

@@ -11,11 +11,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from models import unwrap_model
-from engine.objectives.meanflow import check_meanflow_model, labels_as_given
-
-
+from engine.objectives.meanflow import check_meanflow_model
+from models import labels_as_given, unwrap_model
 
 
 def meanflow_times(steps: int = 1, times: Sequence[float] | None = None) -> list[float]:
@@ -67,8 +66,6 @@ def sample_meanflow(model: torch.nn.Module, y: Tensor, noise: Tensor, *, steps: 
     n = z.shape[0]
     indices: Any = range(len(grid) - 1)
     if progress:
-        from tqdm.auto import tqdm
-
         indices = tqdm(indices, desc="meanflow", leave=False)
     with labels_as_given(model):
         for i in indices:
@@ -82,7 +79,7 @@ def sample_meanflow(model: torch.nn.Module, y: Tensor, noise: Tensor, *, steps: 
 
 def meanflow_velocity_fn(model: torch.nn.Module, y: Tensor, cfg_scale: float = 1.0
                          ) -> Callable[[Tensor, Tensor], Tensor]:
-    """A MeanFlow model as a SiT-convention velocity ``model_fn(x, t)`` for ``engine.sampling.samplers``'
+    """A MeanFlow model as a SiT-convention velocity ``model_fn(x, t)`` for ``engine.sampling.integrators``'
     ODE/SDE integrators (with the default linear-path velocity transport).
 
     The instantaneous velocity is u with r = t (h = 0); SiT time s runs the other way

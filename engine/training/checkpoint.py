@@ -15,12 +15,17 @@ Release files are written to a temporary name and renamed, so they are never par
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
+import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
+
+from engine.distributed import barrier
 
 _TAG = re.compile(r"^step_(\d{7,})$")
 COMPLETE = "COMPLETE"
@@ -97,3 +102,81 @@ class CheckpointDir:
             shutil.rmtree(self.path(step), ignore_errors=True)
             self.release_path(step).unlink(missing_ok=True)
         return sorted(removed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class CheckpointManager:
+    """Saves and restores everything a run needs to continue bit-identically: DeepSpeed's
+    weights, optimizer and schedule; per rank the counters, the RNG streams, the data
+    position and the EMA (or its ZeRO-3 shard); and a release-format file of the full fp32
+    weights. Every rank calls ``save`` and ``load`` (both contain collectives)."""
+
+    def __init__(self, root: Path, *, rank: int, keep_last_k: int, engine: Any, ema: Any, loader: Any,
+                 full_weights: Callable[[bool], dict[str, torch.Tensor] | None],
+                 release_fields: Callable[[], dict[str, Any]]):
+        """``full_weights(keep)``: the full fp32 weights (a collective; None unless ``keep``);
+        ``release_fields()``: what the release-format file holds besides the weights."""
+        self.dir = CheckpointDir(root)
+        self.rank, self.is_main, self.keep_last_k = rank, rank == 0, keep_last_k
+        self.engine, self.ema, self.loader = engine, ema, loader
+        self.full_weights, self.release_fields = full_weights, release_fields
+
+    def _state_file(self, path: Path) -> Path:
+        return path / f"trainer-rank{self.rank:02d}.pt"
+
+    def save(self, step: int, counters: dict[str, int]) -> Path:
+        path = self.dir.path(step)
+        self.engine.save_checkpoint(str(self.dir.root), tag=tag_for(step), save_latest=False)
+        # Collectives under ZeRO-3 and bf16: every rank joins, rank 0 keeps the results. The
+        # full weights are parked in a file and memory-mapped back, so that rank 0 never holds
+        # two full fp32 copies (5.4 GB for XL) at once.
+        full = self.full_weights(self.is_main)
+        parked = path / "model-weights.tmp.pt"
+        if self.is_main:
+            torch.save(full, parked)
+            full = torch.load(parked, map_location="cpu", weights_only=True, mmap=True)
+        ema_full = self.ema.full_state_dict(self.engine)
+        torch.save({**counters, "rng": rng_state(), "loader": self.loader.state_dict(),
+                    "ema": self.ema.shard_state()}, self._state_file(path))
+        if self.is_main and os.environ.get("DISPERSIVE_FAULT_KILL_IN_SAVE") == str(step):
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection (tests): a crash mid-save
+        barrier()  # every rank's files are on disk before the checkpoint is declared complete
+        if self.is_main:
+            atomic_torch_save({"model": full, "ema": ema_full, **self.release_fields(), "step": step},
+                              self.dir.release_path(step))
+            del full
+            parked.unlink()
+            self.dir.mark_complete(step)
+            self.dir.prune(self.keep_last_k)
+        barrier()
+        return path
+
+    def load(self, path: Path) -> dict[str, Any]:
+        """Restores the run from ``path``; returns the counters saved with it."""
+        _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if client is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
+        mine = self._state_file(path)
+        if not mine.exists():
+            raise FileNotFoundError(f"{mine} is missing: resume with the same number of ranks as the "
+                                    f"run that saved {path}")
+        state = torch.load(mine, map_location="cpu", weights_only=False)  # numpy RNG state is not a tensor
+        self.ema.load_shard_state(state.pop("ema"))
+        self.loader.load_state_dict(state.pop("loader"))
+        set_rng_state(state.pop("rng"))
+        return state

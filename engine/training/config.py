@@ -7,12 +7,21 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args, get_type_hints
 
+import models
+from engine.config.checks import fail, integer, number, one_of
 from engine.config.flags import section
 from engine.objectives.meanflow import MeanFlowConfig
-from engine.objectives.base import DispersiveConfig
+from engine.objectives.dispersive import DispersiveConfig
 from engine.diffusion.transport import TransportConfig
+
+
+def _check_literals(cfg) -> None:
+    """Every ``Literal`` field holds one of its values (a JSON config is not parsed by argparse)."""
+    for name, tp in get_type_hints(type(cfg)).items():
+        if getattr(tp, "__origin__", None) is Literal:
+            one_of(type(cfg).__name__, name, getattr(cfg, name), get_args(tp))
 
 
 @dataclass
@@ -38,6 +47,14 @@ class ModelSection:
     patch_size: int | None = None
     """Override the named model's patch size."""
 
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        models.resolve_name(self.name)  # an unknown name: the error lists the valid ones
+        number("ModelSection", "class_dropout_prob", self.class_dropout_prob, low=0, high=1)
+        for name in ("depth", "hidden_size", "num_heads", "patch_size"):
+            if getattr(self, name) is not None:
+                integer("ModelSection", name, getattr(self, name), low=1)
+
     def overrides(self) -> dict[str, int]:
         """The size overrides that were set, in ``models.create_model``'s argument names."""
         names = ("depth", "hidden_size", "num_heads", "patch_size")
@@ -61,6 +78,16 @@ class DataSection:
     synthetic_classes: int = 1000
     """Classes of the ``synthetic`` dataset."""
 
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        integer("DataSection", "num_workers", self.num_workers, low=0)
+        integer("DataSection", "synthetic_samples", self.synthetic_samples, low=1)
+        integer("DataSection", "synthetic_classes", self.synthetic_classes, low=1)
+        if len(self.synthetic_shape) != 3:
+            raise fail("DataSection", "synthetic_shape", "(C, H, W)", self.synthetic_shape)
+        for v in self.synthetic_shape:
+            integer("DataSection", "synthetic_shape", v, low=1)
+
 
 @dataclass
 class OptimSection:
@@ -80,6 +107,18 @@ class OptimSection:
     """Use torch's fused AdamW kernel on CUDA (covers apex's FusedAdam)."""
     apex: bool = False
     """Use apex's FusedAdam instead (only if apex is installed; it is not on PyPI)."""
+
+    def __post_init__(self) -> None:
+        owner = "OptimSection"
+        number(owner, "lr", self.lr, low=0, low_open=True)
+        number(owner, "weight_decay", self.weight_decay, low=0)
+        if len(self.betas) != 2:
+            raise fail(owner, "betas", "two numbers (beta1, beta2)", self.betas)
+        for beta in self.betas:
+            number(owner, "betas", beta, low=0, high=1, high_open=True)
+        number(owner, "eps", self.eps, low=0, low_open=True)
+        integer(owner, "warmup_steps", self.warmup_steps, low=0)
+        number(owner, "grad_clip", self.grad_clip, low=0)
 
 
 @dataclass
@@ -141,25 +180,23 @@ class TrainConfig:
     """Collective timeout: a rank that dies makes the others fail after this, not hang."""
 
     def __post_init__(self) -> None:
-        if self.global_batch < 1:
-            raise ValueError(f"--global-batch must be >= 1, got {self.global_batch}")
-        if self.micro_batch is not None and self.micro_batch < 1:
-            raise ValueError(f"--micro-batch must be >= 1, got {self.micro_batch}")
-        if self.max_steps < 1:
-            raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        for name in ("ckpt_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.keep_last_k < 0 or self.sample_every < 0 or self.max_nonfinite < 1:
-            raise ValueError("--keep-last-k and --sample-every must be >= 0, --max-nonfinite >= 1")
-        if self.optim.lr <= 0 or self.optim.grad_clip < 0 or self.optim.warmup_steps < 0:
-            raise ValueError("--lr must be > 0; --grad-clip and --warmup-steps must be >= 0")
-        if self.objective == "meanflow" and not self.model.name.lower().startswith("sit"):
-            raise ValueError(f"--objective meanflow needs a SiT model, got --model {self.model.name}")
-        if self.profile_steps is not None and not 0 <= self.profile_steps[0] < self.profile_steps[1]:
-            raise ValueError(f"--profile-steps must be A B with 0 <= A < B, got {self.profile_steps}")
+        owner = "TrainConfig"
+        _check_literals(self)
+        for name in ("global_batch", "max_steps", "ckpt_every", "log_every", "sample_count", "sample_steps",
+                     "max_nonfinite"):
+            integer(owner, name, getattr(self, name), low=1)
+        for name in ("keep_last_k", "sample_every", "seed"):
+            integer(owner, name, getattr(self, name), low=0)
+        if self.micro_batch is not None:
+            integer(owner, "micro_batch", self.micro_batch, low=1)
+        number(owner, "ema_decay", self.ema_decay, low=0, high=1, high_open=True)
+        number(owner, "cfg_scale", self.cfg_scale)
+        number(owner, "timeout_minutes", self.timeout_minutes, low=0, low_open=True)
+        if self.profile_steps is not None and not (len(self.profile_steps) == 2
+                                                   and 0 <= self.profile_steps[0] < self.profile_steps[1]):
+            raise fail(owner, "profile_steps", "A B with 0 <= A < B", self.profile_steps)
+        if self.objective == "meanflow" and models.get_config(self.model.name).family != "sit":
+            raise fail(owner, "objective", "'auto' for a DiT model ('meanflow' needs a SiT)", self.objective)
 
     def batch_layout(self, world_size: int) -> tuple[int, int]:
         """(micro batch, gradient accumulation steps) for ``world_size`` ranks, or a clear error."""

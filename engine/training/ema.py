@@ -144,3 +144,20 @@ class ShardedEMA:
                              "resume with the same number of ranks as the run that saved it")
         for k, v in state.items():
             self.shards[k].copy_(v)
+
+
+def ema_builder(module: nn.Module, *, sharded: bool, keep: bool, device: torch.device):
+    """What the EMA needs from the freshly initialised ``module``, taken before DeepSpeed
+    partitions or casts it; the returned function makes the EMA once the engine exists.
+
+    ``sharded`` (ZeRO-3): each rank averages its own partition (only the frozen parameters,
+    the sin-cos table, are kept from the initial weights); else a full copy, on rank 0 only
+    (``keep``)."""
+    names = [n for n, _ in module.named_parameters()]
+    if not sharded:
+        full = FullEMA(module, keep=keep)
+        if full.model is not None:
+            full.model.to(device)
+        return lambda engine: full
+    initial = {n: p.detach().float().clone() for n, p in module.named_parameters() if not p.requires_grad}
+    return lambda engine: ShardedEMA(engine, names, initial)

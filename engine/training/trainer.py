@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
 import signal
 import sys
 import time
@@ -19,75 +17,27 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import models
-from engine.data.datasets import dataset_path
-from engine.training.checkpoint import CheckpointDir, atomic_torch_save, tag_for
 from engine.config.flags import config_to_dict
-from engine.training.config import DataSection, TrainConfig
+from engine.data.format import read_manifest
 from engine.distributed import any_true, barrier, init_distributed, return_freed_memory
-from engine.training.ema import FullEMA, ShardedEMA, full_state_dict
+from engine.sampling.generate import sample_images
+from engine.sampling.images import make_grid, save_png
+from engine.sampling.guidance import Guidance
+from engine.sampling.samplers import SamplerConfig
+from engine.training.builders import (build_model, loader_for, model_config_for, objective_for, prepare_dataset,
+                                      seed_everything)
+from engine.training.checkpoint import CheckpointManager, rng_state, set_rng_state
+from engine.training.config import DataSection, TrainConfig
+from engine.training.deepspeed_setup import build_engine
+from engine.training.ema import FullEMA, ema_builder, full_state_dict
 from engine.training.metrics import MetricsWriter, PhaseTimer, peak_tflops
-from engine.objectives.base import build_objective
+
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
-
-
-def deepspeed_config(cfg: TrainConfig, micro: int, accum: int) -> dict[str, Any]:
-    """The DeepSpeed JSON for ``cfg``; entries of ``cfg.deepspeed_config`` override it."""
-    zero: dict[str, Any] = {"stage": cfg.zero_stage}
-    if cfg.zero_stage >= 2:
-        # Buckets of 50M elements: DeepSpeed's defaults (500M to reduce, 1B live parameters
-        # under ZeRO-3) cost several GB per rank, more than an XL run on a small host has.
-        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=int(5e7))
-    if cfg.zero_stage == 3:
-        # sub_group_size: the optimizer steps 100M-element groups one after another, so
-        # AdamW's temporaries are 0.4 GB instead of the size of the whole local partition.
-        zero.update(stage3_prefetch_bucket_size=int(5e7), stage3_max_live_parameters=int(1e8),
-                    stage3_max_reuse_distance=int(1e8), sub_group_size=int(1e8))
-    if cfg.offload and cfg.zero_stage >= 1:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-        if cfg.zero_stage == 3:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    ds = {
-        "train_batch_size": cfg.global_batch,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accum,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        # The client optimizer is torch's AdamW: deterministic resume, no JIT-built ops.
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if cfg.deepspeed_config:
-        with open(cfg.deepspeed_config) as f:
-            ds = _merge(ds, json.load(f))
-    return ds
-
-
-def _merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def describe_data(data: DataSection, path: Path, shape: str) -> str:
@@ -100,77 +50,58 @@ def describe_data(data: DataSection, path: Path, shape: str) -> str:
     return f"data {path} ({shape})"
 
 
-def prepare_dataset(cfg: TrainConfig, rank: int) -> Path:
-    """The dataset directory; the built-in ones are generated once, by rank 0."""
-    d = cfg.data
-    path = dataset_path(d.data, synthetic_samples=d.synthetic_samples, synthetic_shape=d.synthetic_shape,
-                        synthetic_classes=d.synthetic_classes, write=rank == 0)
-    barrier()
-    return path
-
-
 class Trainer:
+    """One training run, built from named parts:
+
+    objective    what is trained (``builders.objective_for``): it also says which model
+                 overrides it needs, its FLOPs per image and its grid sampler
+    model_cfg    the architecture for the data (``builders.model_config_for``)
+    engine       DeepSpeed around the model (``deepspeed_setup.build_engine``)
+    ema          fp32 EMA of the master weights (``ema.ema_builder``)
+    loader       the batch stream (``builders.loader_for``)
+    checkpoints  save / resume of all of it (``checkpoint.CheckpointManager``)
+    timer, metrics  step-time split and the metrics files
+    """
+
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.rank, self.world, self.device = init_distributed(cfg.timeout_minutes)
         self.micro, self.accum = cfg.batch_layout(self.world)
         self.is_main = self.rank == 0
         self.out = Path(cfg.results_dir)
-        self.ckpts = CheckpointDir(self.out / "checkpoints")
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-        self._seed(cfg.seed + self.rank)
+        seed_everything(cfg.seed + self.rank)
 
-        from engine.data.format import read_manifest
+        self.objective = objective_for(cfg)
         self.data_path = prepare_dataset(cfg, self.rank)
-        manifest = read_manifest(self.data_path)
-        c, h, _ = manifest.shape
-        self.meanflow = cfg.objective == "meanflow"
-        mf_model = {"second_time_input": True, "learn_sigma": False} if self.meanflow else {}
-        self.model_cfg = models.get_config(
-            cfg.model.name, input_size=h, in_channels=c, num_classes=manifest.num_classes,
-            class_dropout_prob=cfg.model.class_dropout_prob, attention=cfg.model.attention,
-            grad_checkpointing=cfg.model.grad_checkpointing, **mf_model, **cfg.model.overrides())
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = models.create_model(cfg.model.name, **{k: v for k, v in self.model_cfg.to_dict().items()
-                                                       if k != "family"})
-        self._seed(cfg.seed + self.rank)
+        self.model_cfg = model_config_for(cfg, read_manifest(self.data_path), self.objective)
+        model = build_model(self.model_cfg, cfg.seed)
+        seed_everything(cfg.seed + self.rank)
         self.param_names = [n for n, _ in model.named_parameters()]
-        if cfg.zero_stage < 3:
-            self.ema = FullEMA(model, keep=self.is_main)
-            if self.ema.model is not None:
-                self.ema.model.to(self.device)
-        else:
-            # Only the frozen parameters (the sin-cos table) are needed from the initial weights.
-            initial = {n: p.detach().float().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        finish_ema = ema_builder(model, sharded=cfg.zero_stage == 3, keep=self.is_main, device=self.device)
         if cfg.precision == "bf16":
             # DeepSpeed's bf16 mode casts the module anyway and builds the fp32 master weights
             # from the cast; doing it here first halves the peak memory of start-up (an XL
             # model is 2.7 GB in fp32 on every rank until DeepSpeed partitions it).
             model = model.to(torch.bfloat16)
-        self.engine = self._deepspeed(model)
+        self.engine = build_engine(model, cfg, self.micro, self.accum, self.device,
+                                   self.out / "deepspeed_config.json" if self.is_main else None)
+        del model
         if self.device.type == "cpu":
             return_freed_memory()  # the unsharded start-up copies are dead now
-        if cfg.zero_stage == 3:
-            self.ema = ShardedEMA(self.engine, self.param_names, initial)
-            del initial
+        self.ema = finish_ema(self.engine)
+        del finish_ema  # drops the initial weights it held
         if cfg.model.compile:
             self.engine.compile()  # DeepSpeed compiles the wrapped module in place
         # Full fp32 weights must be gathered unless the module already holds them.
         self.gather = cfg.zero_stage == 3 or cfg.precision == "bf16"
-        if self.meanflow:
-            from engine.objectives.meanflow import MeanFlowObjective
-            self.objective = MeanFlowObjective(dispersive=cfg.dispersive, config=cfg.meanflow)
-        else:
-            self.objective = build_objective(
-                self.model_cfg.family, dispersive=cfg.dispersive,
-                **({"transport": cfg.transport} if self.model_cfg.family == "sit" else {}))
-
-        from engine.data.loader import build_loader
-        self.loader = build_loader(self.data_path, micro_batch=self.micro, rank=self.rank,
-                                   world_size=self.world, seed=cfg.seed, flip=cfg.data.flip,
-                                   device=self.device, backend=cfg.data.loader,
-                                   num_workers=cfg.data.num_workers)
+        self.loader = loader_for(cfg, self.data_path, micro=self.micro, rank=self.rank, world=self.world,
+                                 device=self.device)
+        self.checkpoints = CheckpointManager(
+            self.out / "checkpoints", rank=self.rank, keep_last_k=cfg.keep_last_k, engine=self.engine,
+            ema=self.ema, loader=self.loader, release_fields=self._release_fields,
+            full_weights=lambda keep: full_state_dict(self.engine, self.param_names, self.gather, keep=keep))
         self.step = 0
         self.images_seen = 0
         self.nonfinite_run = 0
@@ -178,102 +109,27 @@ class Trainer:
         self._stop_signal = False
         self.timer = PhaseTimer(self.device)
         self.metrics = MetricsWriter(self.out, self.is_main)
-        self.flops_per_image = (models.flops_per_sample(self.model_cfg) * cfg.meanflow.forward_equivalents
-                                if self.meanflow else models.flops_per_sample(self.model_cfg, backward=True))
+        self.flops_per_image = self.objective.flops_per_image(self.model_cfg)
         self.peak = peak_tflops(self.device, cfg.precision)
-
-    # ------------------------------------------------------------------ set-up
-    @staticmethod
-    def _seed(seed: int) -> None:
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        random.seed(seed)
-
-    def _deepspeed(self, model: torch.nn.Module):
-        import deepspeed
-
-        o = self.cfg.optim
-        params = [p for p in model.parameters() if p.requires_grad]
-        if o.apex:
-            try:
-                from apex.optimizers import FusedAdam
-            except ImportError as e:
-                raise ImportError("--apex asks for apex's FusedAdam, but NVIDIA apex is not installed "
-                                  "(it is not on PyPI; build it from NVIDIA's repository), or drop --apex "
-                                  "to use torch's fused AdamW") from e
-            optimizer = FusedAdam(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-                                  adam_w_mode=True)
-        else:
-            fused = o.fused and self.device.type == "cuda" and not self.cfg.offload
-            optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps,
-                                          weight_decay=o.weight_decay, fused=fused or None)
-        warmup = o.warmup_steps
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
-        ds_config = deepspeed_config(self.cfg, self.micro, self.accum)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                          config=ds_config)
-        if self.is_main:
-            with open(self.out / "deepspeed_config.json", "w") as f:
-                json.dump(ds_config, f, indent=2)
-        return engine
 
     # ----------------------------------------------------------- checkpoints
     def save(self) -> None:
-        """Every rank writes its DeepSpeed shards and state; rank 0 completes the save."""
-        step = self.step
-        path = self.ckpts.path(step)
-        self.engine.save_checkpoint(str(self.ckpts.root), tag=tag_for(step), save_latest=False)
-        # Collectives under ZeRO-3 and bf16: every rank joins, rank 0 keeps the results. The
-        # full weights are parked in a file and memory-mapped back, so that rank 0 never holds
-        # two full fp32 copies (5.4 GB for XL) at once.
-        full = full_state_dict(self.engine, self.param_names, self.gather, keep=self.is_main)
-        parked = path / "model-weights.tmp.pt"
-        if self.is_main:
-            torch.save(full, parked)
-            full = torch.load(parked, map_location="cpu", weights_only=True, mmap=True)
-        ema_full = self.ema.full_state_dict(self.engine)
-        torch.save({"step": step, "images_seen": self.images_seen, "skipped": self.skipped,
-                    "rng": _rng_state(), "loader": self.loader.state_dict(),
-                    "ema": self.ema.shard_state()},
-                   path / f"trainer-rank{self.rank:02d}.pt")
-        if self.is_main:
-            if os.environ.get("DISPERSIVE_FAULT_KILL_IN_SAVE") == str(step):
-                os.kill(os.getpid(), signal.SIGKILL)  # fault injection (tests): a crash mid-save
-        barrier()  # every rank's files are on disk before the checkpoint is declared complete
-        if self.is_main:
-            atomic_torch_save({"model": full, "ema": ema_full, "args": self._release_args(),
-                               "config": self.model_cfg.to_dict(), "step": step},
-                              self.ckpts.release_path(step))
-            del full
-            parked.unlink()
-            self.ckpts.mark_complete(step)
-            self.ckpts.prune(self.cfg.keep_last_k)
-        barrier()
-
-    def _release_args(self) -> dict[str, Any]:
-        """The releases' ``args`` fields their sampling scripts read (a dict, not a Namespace,
-        so ``torch.load(weights_only=True)`` can read it)."""
-        mc = self.model_cfg
-        return {"model": models.release_name(self.cfg.model.name), "image_size": mc.input_size * 8, "num_classes": mc.num_classes,
-                "global_batch_size": self.cfg.global_batch, "global_seed": self.cfg.seed,
-                "train_config": config_to_dict(self.cfg)}
+        self.checkpoints.save(self.step, {"step": self.step, "images_seen": self.images_seen,
+                                          "skipped": self.skipped})
 
     def load(self, path: Path) -> None:
-        load_dir, tag = str(path.parent), path.name
-        _, client = self.engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
-        if client is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
-        mine = path / f"trainer-rank{self.rank:02d}.pt"
-        if not mine.exists():
-            raise FileNotFoundError(f"{mine} is missing: resume with the same number of ranks as the "
-                                    f"run that saved {path}")
-        state = torch.load(mine, map_location="cpu", weights_only=False)  # numpy RNG state is not a tensor
-        self.ema.load_shard_state(state["ema"])
-        self.step, self.images_seen, self.skipped = state["step"], state["images_seen"], state["skipped"]
-        self.loader.load_state_dict(state["loader"])
-        _set_rng_state(state["rng"])
+        counters = self.checkpoints.load(path)
+        self.step, self.images_seen, self.skipped = counters["step"], counters["images_seen"], counters["skipped"]
+
+    def _release_fields(self) -> dict[str, Any]:
+        """The release-format file's fields besides the weights: the releases' ``args`` their
+        sampling scripts read (a dict, not a Namespace, so ``torch.load(weights_only=True)``
+        reads it) with this run's whole config, and the model config."""
+        mc = self.model_cfg
+        args = {"model": models.release_name(self.cfg.model.name), "image_size": mc.input_size * 8,
+                "num_classes": mc.num_classes, "global_batch_size": self.cfg.global_batch,
+                "global_seed": self.cfg.seed, "train_config": config_to_dict(self.cfg)}
+        return {"args": args, "config": mc.to_dict()}
 
     # ------------------------------------------------------------------ loop
     def _on_signal(self, signum, frame) -> None:
@@ -337,14 +193,13 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        resume = self.ckpts.resolve_resume(cfg.resume)
+        resume = self.checkpoints.dir.resolve_resume(cfg.resume)
         if resume is not None:
             self.load(resume)
         self._print_startup(resume)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
 
-        from tqdm import tqdm
         # Redirected to a file (CI, a cluster's log), a bar that redraws 10 times a second
         # would flood it: redraw every 30 s there instead.
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.is_main, desc="train",
@@ -428,24 +283,14 @@ class Trainer:
         path = None
         ema_model = self._ema_model()  # a collective under ZeRO-3
         if self.is_main:
-            from engine.sampling.images import make_grid, save_png
-            from engine.sampling.generate import sample_images
-            from engine.sampling.samplers import Guidance, SamplerConfig
-
-            sit = self.model_cfg.family == "sit"
-            if self.meanflow:
-                sampler = SamplerConfig(kind="meanflow", num_steps=self.cfg.meanflow.sample_steps)
-            elif sit:
-                sampler = SamplerConfig(kind="ode", method="euler", num_steps=self.cfg.sample_steps)
-            else:
-                sampler = SamplerConfig(kind="ddim", num_steps=self.cfg.sample_steps)
+            sampler = SamplerConfig(**self.objective.grid_sampler(self.cfg.sample_steps))
             labels = torch.arange(self.cfg.sample_count) % self.model_cfg.num_classes
             guidance = Guidance(scale=self.cfg.cfg_scale, channels="all") if self.cfg.cfg_scale != 1.0 else None
             # The RNG streams must not move: sampling here may not change what training draws.
-            rng = _rng_state()
+            rng = rng_state()
             images = sample_images(ema_model, labels, sampler=sampler, guidance=guidance,
-                                   transport=self.cfg.transport if sit else None, seed=self.cfg.seed)
-            _set_rng_state(rng)
+                                   transport=self.objective.sampling_transport(), seed=self.cfg.seed)
+            set_rng_state(rng)
             # Few classes (digits): one column per class, so each column is one label.
             nrow = self.model_cfg.num_classes if self.model_cfg.num_classes <= 16 else None
             path = save_png(make_grid(images, nrow=nrow), self.out / "samples" / f"{self.step:07d}.png")
@@ -460,8 +305,7 @@ class Trainer:
         if weights is None:
             return None
         with torch.device("meta"):  # no second set of weights: the gathered tensors are used as they are
-            model = models.create_model(self.cfg.model.name, **{k: v for k, v in self.model_cfg.to_dict().items()
-                                                                if k != "family"})
+            model = models.DiffusionTransformer(self.model_cfg)
         model.load_state_dict(weights, assign=True)
         return model.to(self.device).eval()
 
@@ -483,10 +327,10 @@ class Trainer:
             print(f"[train] profiler trace written to {trace}", flush=True)
 
     def _summary(self, last: dict[str, float], grid: Path | None, by_signal: bool) -> dict[str, Any]:
-        latest = self.ckpts.latest()
+        latest = self.checkpoints.dir.latest()
         summary = {"step": self.step, "stopped_by_signal": by_signal, "skipped_steps": self.skipped,
                    "final": last, "checkpoint": str(latest) if latest else None,
-                   "release_checkpoint": str(self.ckpts.release_path(self.step)),
+                   "release_checkpoint": str(self.checkpoints.dir.release_path(self.step)),
                    "sample_grid": str(grid) if grid else None}
         if self.is_main:
             records = [json.loads(line) for line in open(self.out / "metrics.jsonl")] \
