@@ -27,7 +27,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int, torch.dev
     timeout makes the surviving ranks fail with an error after ``timeout_minutes``
     when one rank dies, instead of waiting forever.
     """
-    import deepspeed
+    import deepspeed  # lazy: a heavy import (seconds); the torchrun commands never need it
 
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",

@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
 from engine.data.datasets import check_dataset
 from engine.config.flags import add_config_arguments, apply_overrides, config_from_dict, config_to_dict, overrides_from_args
 from engine.training.config import TrainConfig
+from engine.training.trainer import Trainer
 from engine.objectives.dispersive import DispersiveConfig
 from engine.objectives.meanflow_presets import MEANFLOW_PRESETS, meanflow_preset
 
@@ -87,8 +88,6 @@ def check_before_launch(cfg: TrainConfig) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse(argv)
-    from engine.training.trainer import Trainer
-
     trainer = Trainer(cfg)
     if trainer.is_main:
         with open(Path(cfg.results_dir) / "config.json", "w") as f:

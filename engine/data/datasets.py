@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from engine.config.paths import DATA_CACHE
 from engine.data.format import MANIFEST_NAME, LatentDatasetError, LatentDatasetWriter, open_latent_dataset
@@ -54,9 +56,7 @@ def dataset_path(data: str, *, synthetic_samples: int, synthetic_shape: tuple[in
 
 def digits_arrays(size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """(images (1797, 1, size, size) float32 in [-1, 1], labels (1797,) int64)."""
-    import torch
-    import torch.nn.functional as F
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: scikit-learn (with scipy) takes ~1 s to import
 
     if size < 8:
         raise ValueError(f"size must be >= 8 (the source images are 8x8), got {size}")

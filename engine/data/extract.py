@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
 
 from engine.data.format import DEFAULT_SHARD_SIZE, LatentDatasetWriter
 from engine.data.vae import SD_VAE_SCALE, encode, load_vae
@@ -124,8 +127,6 @@ def center_crop_arr(pil_image: Any, image_size: int) -> np.ndarray:
     Halve with BOX filtering while the short side is at least 2x the target (cheap and
     alias-free), resize the short side to image_size with BICUBIC, crop the center.
     """
-    from PIL import Image
-
     img = pil_image
     while min(img.size) >= 2 * image_size:
         img = img.resize((img.size[0] // 2, img.size[1] // 2), resample=Image.BOX)
@@ -139,8 +140,6 @@ def center_crop_arr(pil_image: Any, image_size: int) -> np.ndarray:
 
 def load_image(path: str | os.PathLike, image_size: int) -> torch.Tensor:
     """(3, S, S) float32 in [-1, 1]."""
-    from PIL import Image
-
     with Image.open(path) as im:
         arr = center_crop_arr(im.convert("RGB"), image_size)
     arr = np.array(arr)  # writable, contiguous copy (PIL's buffer is read-only)
@@ -227,8 +226,6 @@ def _batches_for(chunks: list[tuple[int, int, int]], batch_size: int) -> Iterato
 
 def extract(cfg: ExtractConfig) -> Path | None:
     """Run this rank's share; rank 0 also merges. Returns the dataset path on rank 0."""
-    from tqdm import tqdm
-
     if cfg.out.exists() and not cfg.overwrite:
         raise FileExistsError(f"{cfg.out} already exists (pass overwrite to replace it)")
     files, labels, classes = list_images(cfg.images)
@@ -326,7 +323,5 @@ def _merge(cfg: ExtractConfig, parts: Path, n: int, n_chunks: int, copies: int,
             writer.abort()
         raise
     if not cfg.keep_parts:
-        import shutil
-
         shutil.rmtree(parts, ignore_errors=True)
     return out

@@ -39,8 +39,10 @@ from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from engine.evaluation.fid import FD_METHODS, FeatureStatistics, FrechetDetails, StatsAccumulator, frechet_distance_stats
+from engine.evaluation.inception import load_inception
 
 IS_SPLITS = 10
 PR_NEIGHBOURS = 3
@@ -137,8 +139,6 @@ def compute_activations(extractor: torch.nn.Module, batches: Iterator[np.ndarray
     pools, spatials, logits = [], [], []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=total, desc=f"activations ({where})", unit="img")
     # cuDNN may use TF32 for convolutions by default; metrics want full fp32.
     tf32 = torch.backends.cudnn.allow_tf32
@@ -328,8 +328,6 @@ def evaluate_batches(ref_path: str | os.PathLike, sample_path: str | os.PathLike
             raise FileNotFoundError(f"no such .npz batch: {p}")
     precomputed = reference_statistics(ref_path)  # fail on a malformed file before any work
     if extractor is None:
-        from engine.evaluation.inception import load_inception
-
         extractor = load_inception(inception, device)
     else:
         extractor = extractor.to(device).eval()

@@ -23,6 +23,7 @@ Statistics: ``FeatureStatistics.from_features`` (mean and unbiased covariance, l
 
 from __future__ import annotations
 
+import warnings
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -157,9 +158,7 @@ def _trace_sqrt_eigh(s1: np.ndarray, s2: np.ndarray) -> tuple[float, float]:
 
 
 def _trace_sqrt_adm(s1: np.ndarray, s2: np.ndarray, eps: float) -> tuple[float, float, float]:
-    import warnings
-
-    from scipy import linalg
+    from scipy import linalg  # lazy: scipy's import is slow and only the sqrtm method needs it
 
     # (ADM passes disp=False, which newer scipy deprecates; a failed root shows as non-finite.)
     with warnings.catch_warnings():

@@ -27,7 +27,7 @@ def _gather_zero3(param: nn.Parameter, shard: torch.Tensor | None) -> torch.Tens
     """The full tensor of a ZeRO-3 parameter from every rank's flat fp32 partition (DeepSpeed's
     layout: rank r holds elements [r * P, (r + 1) * P) of the flattened, padded tensor)."""
     if shard is None:  # frozen: no fp32 master copy exists, gather the module's own shards
-        import deepspeed
+        import deepspeed  # lazy: a heavy import (seconds), and only ZeRO-3 runs reach here
         with deepspeed.zero.GatheredParameters([param]):
             return param.data.float().clone()
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -43,7 +43,7 @@ def full_fp32(param: nn.Parameter, gather: bool) -> torch.Tensor:
     """The full fp32 master value of ``param`` (a collective when ``gather``)."""
     if not gather:
         return param.detach()
-    from deepspeed.utils import safe_get_full_fp32_param
+    from deepspeed.utils import safe_get_full_fp32_param  # lazy: heavy, and only gathering needs it
 
     full = safe_get_full_fp32_param(param) if param.requires_grad else None
     if full is not None:
@@ -100,7 +100,7 @@ class ShardedEMA:
 
     def __init__(self, engine, names: list[str], initial: dict[str, torch.Tensor]):
         """``initial``: the fp32 weights as initialised, before DeepSpeed sharded them."""
-        from deepspeed.utils import safe_get_local_fp32_param
+        from deepspeed.utils import safe_get_local_fp32_param  # lazy: heavy, ZeRO-3 only
 
         self.names = names
         self._local = safe_get_local_fp32_param
