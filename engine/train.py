@@ -19,6 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import models
 from engine.data.datasets import check_dataset
 from engine.config.flags import add_config_arguments, apply_overrides, config_from_dict, config_to_dict, overrides_from_args
 from engine.training.config import TrainConfig
@@ -80,8 +81,16 @@ def check_before_launch(cfg: TrainConfig) -> None:
     """Everything that can fail is checked here, before any process group or model exists."""
     cfg.batch_layout(int(os.environ.get("WORLD_SIZE", "1")))
     check_dataset(cfg.data.data)
-    if cfg.deepspeed_config and not Path(cfg.deepspeed_config).exists():
-        raise FileNotFoundError(f"--deepspeed-config {cfg.deepspeed_config}: no such file")
+    depth = models.get_config(cfg.model.name, **cfg.model.overrides()).depth
+    if cfg.dispersive.enabled:
+        cfg.dispersive.resolve(depth)  # e.g. --disp-blocks 7 on a 2-block model: named here, not on every rank
+    if cfg.deepspeed_config:
+        if not Path(cfg.deepspeed_config).exists():
+            raise FileNotFoundError(f"--deepspeed-config {cfg.deepspeed_config}: no such file")
+        try:
+            json.loads(Path(cfg.deepspeed_config).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--deepspeed-config {cfg.deepspeed_config}: not valid JSON ({e})") from None
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_dir():
         raise FileNotFoundError(f"--resume {cfg.resume}: no such checkpoint directory (or use --resume auto)")
 

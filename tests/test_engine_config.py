@@ -137,3 +137,13 @@ def test_config_json_values_are_checked_against_the_field_types(tmp_path, capsys
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(data))
     assert message in _error(capsys, ["--config", str(path)])
+
+
+def test_block_choice_and_deepspeed_json_are_checked_before_launch(tmp_path, capsys):
+    err = _error(capsys, ["--model", "sit_s", "--depth", "2", "--disp-blocks", "7"])
+    assert "block index 7 out of range for depth 2" in err, err
+    err = _error(capsys, ["--model", "sit_s", "--depth", "2", "--disp-preset", "paper"])
+    assert "depth 2 < 4" in err, err
+    bad = tmp_path / "ds.json"
+    bad.write_text("{not json")
+    assert "not valid JSON" in _error(capsys, ["--deepspeed-config", str(bad)])
