@@ -27,6 +27,7 @@ import torch
 
 import kernels
 from kernels import dispersive_loss, release_dispersive_loss
+from kernels.fused.timing import triton_version
 
 from .timing import flush_l2, synchronize
 
@@ -48,9 +49,7 @@ def unavailable_reason(provider: str, device: torch.device | str) -> str | None:
     if provider == "triton":
         if device.type != "cuda":
             return f"the triton provider runs the fused kernels on a CUDA device; this run's device is {device.type}"
-        try:
-            import triton  # noqa: F401
-        except ImportError:
+        if triton_version() is None:
             return "the triton provider needs the triton package, which is not installed"
     return None
 

@@ -3,15 +3,15 @@
     python -m bench.tile_sweep                       # the two bf16 sizes of the bars
     python -m bench.tile_sweep --out build/tile_sweep.json --budget-s 120
 
-``kernels.triton_config.TILES`` was chosen without a GPU (no spills on sm_80/sm_90, see
+``kernels.fused.tiles.TILES`` was chosen without a GPU (no spills on sm_80/sm_90, see
 ``kernels.check``). This times alternatives of the entry each size uses: the forward's
 column block, warps and pipeline depth, the number of split-K programs per SM, and the
 backward's column block and warps. Each candidate's loss and gradient must match the
 current table's (same function, other blocking) before its time counts.
 
-Times are kernel time only: ``triton.testing.do_bench_cudagraph`` over a CUDA graph of
-the forward (or backward) on ``ROTATE`` copies of z, so launch gaps are gone and the
-copies together exceed the L2 cache. The memory floor printed beside them is z's bytes
+Times are kernel time only: ``kernels.fused.timing.kernel_ms`` (triton's
+``do_bench_cudagraph``) over a CUDA graph of the forward (or backward) on ``ROTATE``
+copies of z, so launch gaps are gone and the copies together exceed the L2 cache. The memory floor printed beside them is z's bytes
 over the copy bandwidth measured in the same run (forward reads z once; backward reads
 z and writes dz).
 """
@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from kernels import triton_config as cfg
+from kernels.fused import tiles as cfg
+from kernels.fused.timing import kernel_ms
 
 from .hardware import copy_bandwidth
 
@@ -51,18 +52,8 @@ def _candidates(base: cfg.Tiles) -> list[tuple[str, cfg.Tiles, int]]:
     return out
 
 
-def _kernel_ms(fn) -> float:
-    import triton.testing
-
-    torch.cuda.synchronize()
-    try:
-        return triton.testing.do_bench_cudagraph(fn, rep=60, return_mode="median")
-    except Exception:  # capture failed (driver, allocator): events around eager launches instead
-        return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
-
-
 def sweep(n: int, d: int, dtype: torch.dtype, bandwidth: float, deadline: float) -> list[dict]:
-    from kernels import triton_dispersive as td
+    from kernels.fused import launch as td
 
     key = (cfg.block_rows(n, dtype), dtype != torch.float32)
     base = cfg.TILES[key]
@@ -88,8 +79,8 @@ def sweep(n: int, d: int, dtype: torch.dtype, bandwidth: float, deadline: float)
                 same = (torch.allclose(loss, ref[0], rtol=1e-4, atol=1e-5)
                         and torch.allclose(dz.float(), ref[1], rtol=2e-2, atol=1e-3 * ref[1].abs().max().item()))
                 saved = [td.forward(z, "infonce_l2") for z in zs]
-                fwd = _kernel_ms(lambda: [td.forward(z, "infonce_l2") for z in zs]) / ROTATE
-                bwd = _kernel_ms(lambda: [td.backward(g, z, s[1], s[2], "infonce_l2")
+                fwd = kernel_ms(lambda: [td.forward(z, "infonce_l2") for z in zs]) / ROTATE
+                bwd = kernel_ms(lambda: [td.backward(g, z, s[1], s[2], "infonce_l2")
                                           for z, s in zip(zs, saved)]) / ROTATE
             except Exception as err:  # e.g. a tile needing more shared memory than the device has
                 print(f"  {label:>22}: not run ({type(err).__name__}: {str(err).splitlines()[0][:120]})", flush=True)

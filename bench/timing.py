@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from kernels.fused.timing import triton_version
+
 _L2_FLUSH_BYTES = 256 << 20          # larger than any current GPU's L2 cache
 _SPIN_CYCLES_PER_MS = 2_000_000      # torch.cuda._sleep cycles: >= 1 ms on clocks up to 2 GHz
 _l2_buffers: dict[torch.device, torch.Tensor] = {}
@@ -108,13 +110,8 @@ def cuda_device_times(run: Callable[..., object], setup: Callable[[], tuple] | N
 
 def versions() -> dict[str, str]:
     """Library versions recorded with every result."""
-    info = {"torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = "not installed"
+    info = {"torch": torch.__version__, "python": platform.python_version(),
+            "triton": triton_version() or "not installed"}
     if torch.version.cuda:
         info["cuda"] = torch.version.cuda
     return info

@@ -3,11 +3,15 @@
 Defaults reproduce the official release exactly: InfoNCE-L2, tau = 1, squared
 distances divided by D, over the local batch.
 
-Dispatch: ``auto`` is Triton for CUDA tensors (``kernels.triton_dispersive``) and the Gram
-path on CPU; both go through the ``torch.library`` custom op of ``kernels.ops``, so a
-``torch.compile``'d model keeps the loss in one graph. ``backend="triton"`` on CPU tensors
-runs the kernels under ``TRITON_INTERPRET=1`` (set before ``kernels.triton_dispersive`` is
-first imported; for tests). Importing this module never imports triton.
+Dispatch is decided here, once: ``validate`` checks the input and the options,
+``resolve_backend`` names the backend (``auto`` is Triton for CUDA tensors, the Gram path on
+CPU), and the built-in Triton backend sends what the fused kernels do not take (N > 1024,
+fp64) to the Gram path (``_fused_or_gram``). The call then goes one way: the
+``torch.library`` custom op of ``kernels.ops`` (so a ``torch.compile``'d model keeps the loss
+in one graph), the launchers of ``kernels.fused.launch``, the kernels of ``kernels.fused.jit``;
+none of them imports back. ``backend="triton"`` on CPU tensors runs the kernels under
+``TRITON_INTERPRET=1`` (set before ``kernels.fused`` first imports triton; for tests).
+Importing this module never imports triton.
 """
 from __future__ import annotations
 
@@ -45,9 +49,7 @@ def _gram_impl(z, variant, tau, margin, normalize_by_dim):
 
 
 def _triton_impl(z, variant, tau, margin, normalize_by_dim):
-    from . import triton_dispersive
-
-    return triton_dispersive.triton_backend(z, variant, tau, margin, normalize_by_dim)
+    return dispersive_op(z, variant, tau, margin, normalize_by_dim, _fused_or_gram(z))
 
 
 _BACKENDS: dict[str, _Impl] = {"torch": _gram_impl, "triton": _triton_impl, "reference": _reference_impl}
@@ -68,16 +70,25 @@ def _triton_available() -> bool:
     lookup here: under torch.compile the import may first run while dynamo traces.
     """
     try:
-        from . import triton_dispersive  # noqa: F401
+        from .fused import launch  # noqa: F401
     except ImportError:
         return False
     return True
 
 
 def _triton_interpreting() -> bool:
-    from . import triton_dispersive
+    from .fused import launch
 
-    return triton_dispersive.INTERPRETED
+    return launch.INTERPRETED
+
+
+def _fused_or_gram(z: torch.Tensor) -> str:
+    """The op backend of the built-in "triton" one for the batch z (N, ...): "triton" where the
+    fused kernels take its flattened shape and dtype, else "torch" (the Gram path, which runs on
+    CUDA too). A shape/dtype test, no host sync; triton is known to be available."""
+    from .fused import launch
+
+    return "triton" if launch.supports(z.detach().reshape(z.shape[0], -1)) else "torch"
 
 
 def _check_positive(name: str, value) -> float:
@@ -90,16 +101,9 @@ def _check_positive(name: str, value) -> float:
 
 
 def validate(z, variant: str, tau, margin, backend: str, scope: str = "local") -> tuple[float, float]:
-    """Checks everything that can be checked without touching z's values (no host sync)."""
-    if not isinstance(z, torch.Tensor):
-        raise TypeError(f"z must be a torch.Tensor of shape (N, ...), got {type(z).__name__}")
-    if z.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"z must be a floating-point tensor (float16, bfloat16, float32 or float64), "
-                        f"got {z.dtype}")
-    if z.dim() < 1 or z.shape[0] < 1:
-        raise ValueError(f"z must hold at least 1 sample along dim 0, got shape {tuple(z.shape)}")
-    if z[0].numel() < 1:
-        raise ValueError(f"each sample of z must have at least 1 feature, got shape {tuple(z.shape)}")
+    """Checks everything that can be checked without touching z's values (no host sync);
+    returns tau and margin as floats. The layers below check none of it again."""
+    _check_input(z)
     if variant not in VARIANTS:
         raise ValueError(f"unknown dispersive-loss variant {variant!r}; expected one of {VARIANTS}")
     if backend not in BACKENDS:
@@ -109,7 +113,20 @@ def validate(z, variant: str, tau, margin, backend: str, scope: str = "local") -
     return _check_positive("tau", tau), _check_positive("margin", margin)
 
 
+def _check_input(z) -> None:
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"z must be a torch.Tensor of shape (N, ...), got {type(z).__name__}")
+    if z.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"z must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+                        f"got {z.dtype}")
+    if z.dim() < 1 or z.shape[0] < 1:
+        raise ValueError(f"z must hold at least 1 sample along dim 0, got shape {tuple(z.shape)}")
+    if z[0].numel() < 1:
+        raise ValueError(f"each sample of z must have at least 1 feature, got shape {tuple(z.shape)}")
+
+
 def resolve_backend(z: torch.Tensor, backend: str) -> str:
+    """The registered backend that runs for z: ``auto`` resolved; "triton" refused where it cannot run."""
     if backend == "auto":
         return "triton" if z.is_cuda and _triton_available() else "torch"
     if backend == "triton":
@@ -149,14 +166,19 @@ def dispersive_loss(z: torch.Tensor, *, variant: Variant = "infonce_l2", tau: fl
     propagate to the loss; nothing here synchronises with the device.
     """
     tau, margin = validate(z, variant, tau, margin, backend, scope)
-    name = resolve_backend(z, backend)
+    return _run(z, resolve_backend(z, backend), variant, tau, margin, bool(normalize_by_dim), scope, group)
+
+
+def _run(z: torch.Tensor, name: str, variant: str, tau: float, margin: float, normalize_by_dim: bool,
+         scope: str, group) -> torch.Tensor:
+    """The loss of a validated z on the resolved backend ``name``."""
     impl = _BACKENDS[name]
     if scope == "local" and impl is _BUILTIN_UNFLATTENED.get(name):
-        return impl(z, variant, tau, margin, bool(normalize_by_dim))
+        return impl(z, variant, tau, margin, normalize_by_dim)
     z2 = flatten_rows(z)
     if scope == "global":
         z2 = gather_rows(z2, group)                                   # (world * N, D)
-    return impl(z2, variant, tau, margin, bool(normalize_by_dim))
+    return impl(z2, variant, tau, margin, normalize_by_dim)
 
 
 def dispersive_loss_groups(zs: Sequence[torch.Tensor], *, variant: Variant = "infonce_l2", tau: float = 1.0,
@@ -177,18 +199,23 @@ def dispersive_loss_groups(zs: Sequence[torch.Tensor], *, variant: Variant = "in
         raise ValueError("zs must hold at least one batch")
     first = zs[0]
     tau, margin = validate(first, variant, tau, margin, backend, scope)
-    if (scope == "local" and len(zs) > 1 and resolve_backend(first, backend) == "triton"
+    normalize_by_dim = bool(normalize_by_dim)
+    name = resolve_backend(first, backend)
+    if (scope == "local" and len(zs) > 1 and name == "triton"
             and all(z.shape == first.shape and z.dtype == first.dtype and z.device == first.device for z in zs)):
         # Same shape, dtype and device as the validated first batch: nothing left to check.
-        from . import triton_dispersive
+        from .fused import launch
 
         flat = [z.reshape(z.shape[0], -1) for z in zs]
-        if triton_dispersive.supports_groups(flat[0], variant):
+        if launch.supports_groups(flat[0], variant):
             z3 = torch.stack(flat)                                                 # (K, N, D)
-            return dispersive_op(z3, variant, tau, margin, bool(normalize_by_dim), "triton", stacked=True)
-    # One call per batch; each call validates its own batch.
-    return torch.stack([dispersive_loss(z, variant=variant, tau=tau, margin=margin, normalize_by_dim=normalize_by_dim,
-                                        backend=backend, scope=scope, group=group) for z in zs])
+            return dispersive_op(z3, variant, tau, margin, normalize_by_dim, "triton", stacked=True)
+    # One call per batch; each later batch is validated and resolved for itself.
+    losses = [_run(first, name, variant, tau, margin, normalize_by_dim, scope, group)]
+    for z in zs[1:]:
+        _check_input(z)                                               # the options are checked
+        losses.append(_run(z, resolve_backend(z, backend), variant, tau, margin, normalize_by_dim, scope, group))
+    return torch.stack(losses)
 
 
 class DispersiveLoss(nn.Module):

@@ -4,10 +4,12 @@
     dispersive::backward(grad, z, mix, state, variant, backend) -> dz
 
 z is one batch (N, D), or on the "triton" backend a stack of K batches (K, N, D) with one
-loss per batch (``kernels.triton_dispersive.supports_groups``).
+loss per batch (``kernels.fused.launch.supports_groups``).
 
 ``backend`` is ``"torch"`` (``kernels.gram``, any device, fp64 too) or ``"triton"``
-(``kernels.triton_dispersive``). ``mix`` (N x N) and ``state`` (rows x N) are what each
+(the launchers of ``kernels.fused.launch``), as the public API (``kernels.dispersive``)
+resolved it: nothing is validated or re-decided here, and nothing below imports back
+(API -> op -> launcher -> jit). ``mix`` (N x N) and ``state`` (rows x N) are what each
 backend's backward needs; their meaning belongs to the backend, only their shapes are
 fixed here (the fake implementations give them without running anything, so dynamo and
 inductor trace through the op without a graph break and without a host sync).
@@ -42,17 +44,17 @@ def _acc_dtype(z: Tensor, backend: str) -> torch.dtype:
 def _forward_impl(z: Tensor, variant: str, tau: float, margin: float, normalize_by_dim: bool,
                   backend: str, backward_follows: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     if backend == "triton":
-        from . import triton_dispersive
+        from .fused import launch  # imports triton: not before the first fused call
 
-        return triton_dispersive.forward(z, variant, tau, margin, normalize_by_dim)
+        return launch.forward(z, variant, tau, margin, normalize_by_dim)
     return gram_path.gram_forward(z, variant, tau, margin, normalize_by_dim, backward_follows)
 
 
 def _backward_impl(grad: Tensor, z: Tensor, mix: Tensor, state: Tensor, variant: str, backend: str) -> Tensor:
     if backend == "triton":
-        from . import triton_dispersive
+        from .fused import launch
 
-        return triton_dispersive.backward(grad, z, mix, state, variant)
+        return launch.backward(grad, z, mix, state, variant)
     return gram_path.gram_backward(grad, z, mix, state, variant)
 
 
@@ -163,8 +165,9 @@ def dispersive_op(z: Tensor, variant: str, tau: float, margin: float, normalize_
                   backend: str, stacked: bool = False) -> Tensor:
     """The loss of one batch z (N, ...), flattened per sample (fp32; fp64 for fp64 on "torch");
     with ``stacked``, the K losses (K,) of a stack (K, N, D) on the "triton" backend. The
-    custom op while anything traces, else ``_Eager``: one implementation either way."""
-    args = (variant, float(tau), float(margin), bool(normalize_by_dim), backend)
+    custom op while anything traces, else ``_Eager``: one implementation either way.
+    The options come validated from the API (tau and margin floats > 0, a bool)."""
+    args = (variant, tau, margin, normalize_by_dim, backend)
     # Any tracing (dynamo, make_fx, fake or functional tensors: a dispatch mode or a tensor
     # subclass) records the op; a plain eager call runs the implementation directly.
     if (torch.compiler.is_compiling() or type(z) is not torch.Tensor

@@ -4,7 +4,7 @@
     r = dispersive_roofline(32, 294_912, "bfloat16", "infonce_l2", "forward")
     r.bytes, r.flops, r.seconds, r.bound
 
-The counts follow the kernels as launched (``kernels.triton_dispersive``'s tile table):
+The counts follow the kernels as launched (``kernels.fused.tiles``, the launchers' tile table):
 
 * bytes: DRAM traffic that cannot be avoided by the kernels' design: every read of z
   counted once (re-reads of a row tile by other tile pairs, and the covariance backward's
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .triton_config import DISTANCE_VARIANTS, EPILOGUE_MAX_N, MAX_N, tiles_for
+from .fused.tiles import DISTANCE_VARIANTS, EPILOGUE_MAX_N, MAX_N, tiles_for
 
 
 @dataclass(frozen=True)

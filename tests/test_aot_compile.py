@@ -30,7 +30,7 @@ def test_every_configuration_passes_the_gate(tmp_path):
                           cwd=REPO, env=_compile_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
-    from kernels.check import ARCHS, SPILL_TOLERANCE, specs
+    from kernels.fused.aot import ARCHS, SPILL_TOLERANCE, specs
 
     assert len(results) == len(ARCHS) * len(specs())
     assert all(r["ok"] and r["spill_bytes"] <= SPILL_TOLERANCE for r in results)
@@ -40,8 +40,8 @@ def test_every_configuration_passes_the_gate(tmp_path):
 
 
 def test_specs_cover_the_launchers_tile_table():
-    from kernels.check import specs
-    from kernels.triton_dispersive import TILES
+    from kernels.fused.aot import specs
+    from kernels.fused.tiles import TILES
 
     labels = [s.label for s in specs()]
     assert len(labels) == len(set(labels))
@@ -55,7 +55,7 @@ def test_specs_cover_the_launchers_tile_table():
 
 _OVERSIZED = """
 import dataclasses, json
-from kernels.check import compile_one, specs
+from kernels.fused.aot import compile_one, specs
 base = next(s for s in specs() if s.kernel == "gram_partial_kernel" and s.dtype == "bf16"
             and not s.constexprs["SAME_TILE"])
 big = dataclasses.replace(base, constexprs={**base.constexprs, "BLOCK_N": 128, "BLOCK_K": 256}, num_stages=4)

@@ -172,7 +172,8 @@ def test_release_term_swaps_only_the_implementation(monkeypatch) -> None:
     and inside the swap it is the release's code that computes it (once per block)."""
     import kernels
     import models
-    from engine.objectives.base import DispersiveConfig, build_objective
+    from engine.objectives.build import build_objective
+    from engine.objectives.dispersive import DispersiveConfig
 
     model = models.create_model("sit_s", input_size=8, depth=2, hidden_size=64, num_heads=2, num_classes=10)
     objective = build_objective("sit", dispersive=DispersiveConfig(lambda_=0.25, blocks="all", backend="torch"))
@@ -229,7 +230,7 @@ def test_json_path_takes_a_path_or_an_open_file(tmp_path: Path) -> None:
 
 def test_tile_sweep_candidates_vary_one_thing_and_refuse_cpu(capsys) -> None:
     from bench import tile_sweep
-    from kernels.triton_config import TILES
+    from kernels.fused.tiles import TILES
 
     base = TILES[(32, True)]
     cands = tile_sweep._candidates(base)

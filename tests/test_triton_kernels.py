@@ -31,7 +31,7 @@ def _use_the_interpreter() -> None:
         if not isinstance(triton.language.standard.zeros, triton.runtime.interpreter.InterpretedFunction):
             for name in [m for m in sys.modules if m == "triton" or m.startswith("triton.")]:
                 del sys.modules[name]
-    for name in ("kernels.triton_gram", "kernels.triton_dispersive"):
+    for name in ("kernels.fused.jit", "kernels.fused.launch"):
         if name in sys.modules:
             importlib.reload(sys.modules[name])
 
@@ -43,8 +43,8 @@ import pytest  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels import VARIANTS, dispersive_loss, reference_dispersive_loss  # noqa: E402
-from kernels import triton_dispersive as td  # noqa: E402
-from kernels import triton_gram  # noqa: E402
+from kernels.fused import jit  # noqa: E402
+from kernels.fused import launch as td  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -295,7 +295,7 @@ def test_cpu_without_interpreter_is_refused(monkeypatch):
 def test_constants_match_the_reference():
     from kernels.reference import COSINE_EPS
 
-    assert triton_gram.COSINE_EPS.value == COSINE_EPS
+    assert jit.COSINE_EPS.value == COSINE_EPS
     assert "triton" in kernels.dispersive._BACKENDS
     assert td.INTERPRETED != ON_GPU
 
@@ -329,7 +329,7 @@ def test_compiled_fullgraph_with_the_triton_backend(rng):
 
 _FIRST_CALL_COMPILED = """
 import sys, torch, kernels
-assert "kernels.triton_dispersive" not in sys.modules
+assert "kernels.fused.launch" not in sys.modules and "triton" not in sys.modules
 fn = torch.compile(lambda z: kernels.dispersive_loss(z, backend="triton") * 2, fullgraph=True, backend="aot_eager")
 z = torch.randn(5, 9, requires_grad=True)
 out = fn(z)

@@ -1,6 +1,6 @@
 """Tile table and limits of the fused kernels, without importing triton.
 
-Shared by the launchers (``kernels.triton_dispersive``), the AOT gate (``kernels.check``)
+Shared by the launchers (``kernels.fused.launch``), the AOT gate (``kernels.fused.aot``)
 and the roofline (``kernels.roofline``), so all three describe the same launches.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ class Tiles:
 
     One table instead of an autotuner: the choice depends only on N and the dtype, so
     ``kernels.check`` compiles exactly the set the launchers can pick. The values compile
-    on sm_80 and sm_90 with at most ``kernels.check.SPILL_TOLERANCE`` bytes of spills. The
+    on sm_80 and sm_90 with at most ``kernels.fused.aot.SPILL_TOLERANCE`` bytes of spills. The
     16-bit Gram entries use the 4-warp tiles that ``bench.tile_sweep`` timed fastest on an
     H200 (2026-11-30, bench/results); the fp32 entries and the backward were not re-timed.
     """

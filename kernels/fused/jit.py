@@ -1,4 +1,4 @@
-"""The ``@triton.jit`` kernels of the fused Dispersive Loss (launchers: ``triton_dispersive``).
+"""The ``@triton.jit`` kernels of the fused Dispersive Loss (launchers: ``kernels.fused.launch``).
 
 Forward, every variant:
     ``gram_partial_kernel``  split-K Gram tiles: program (tile pair, split) reads one slab of

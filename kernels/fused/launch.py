@@ -1,16 +1,19 @@
-"""Fused Triton Dispersive Loss: host launchers, forward/backward, the "triton" backend.
+"""Host launchers of the fused Dispersive Loss: check z, allocate, launch.
 
-The kernels are in ``kernels.triton_gram`` (read its docstring for the passes and the
-precision scheme). Here:
+The kernels are in ``kernels.fused.jit`` (read its docstring for the passes and the
+precision scheme), their tiles in ``kernels.fused.tiles``. Here:
 
     forward(z, variant, ...)  -> (loss, mix_hat, state)     # no host sync anywhere
     backward(g, z, mix_hat, state, variant) -> dz
     gram(z, shift)            -> N x N fp32 Gram (split-K, deterministic reduction)
+    supports(z), supports_groups(z, variant)                 # what the fused path takes
 
 ``kernels.dispersive_loss(z, backend="triton")`` reaches them through the custom op in
-``kernels.ops``. The fused path serves N <= ``MAX_N`` and fp32/bf16/fp16; beyond that
-(or fp64) the backend falls back to the Gram path (``kernels.gram``), which works on
-CUDA tensors too. The N x N epilogue runs as one Triton program for N <= ``EPILOGUE_MAX_N``
+``kernels.ops``; this module imports neither (calls go one way: API -> op -> launcher ->
+jit). The fused path serves N <= ``MAX_N`` and fp32/bf16/fp16; beyond that (or fp64)
+the API sends the call to the Gram path (``kernels.gram``, on CUDA tensors too), from
+``supports``. ``variant`` is one of ``kernels.VARIANTS``: the API validated it, it is
+not checked again here. The N x N epilogue runs as one Triton program for N <= ``EPILOGUE_MAX_N``
 (InfoNCE-L2, cosine, hinge): at the paper's N = 32 it is a single launch instead of
 twenty small torch launches. Beyond that, and for covariance, it is the same math as
 torch ops on the N x N matrix (``kernels.gram``'s epilogue functions).
@@ -26,11 +29,10 @@ import functools
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
-from . import gram as gram_path
-from . import triton_gram as K
-from .reference import VARIANTS
-from .triton_config import (DISTANCE_VARIANTS, EPILOGUE_MAX_N, LAUNCH_OPTIONS, MAX_N, REDUCE_BLOCK_E,
-                            REDUCE_BLOCK_S, SUPPORTED_DTYPES, TILES, Tiles, block_rows, tiles_for)
+from .. import gram as gram_path
+from . import jit as K
+from .tiles import (DISTANCE_VARIANTS, EPILOGUE_MAX_N, LAUNCH_OPTIONS, MAX_N, REDUCE_BLOCK_E, REDUCE_BLOCK_S,
+                    SUPPORTED_DTYPES, TILES, Tiles, block_rows, tiles_for)
 
 POISON_BUFFERS = False  # tests: NaN-fill every buffer a kernel is expected to overwrite
 _EPILOGUE_CODE = {"infonce_l2": K.L2.value, "infonce_cosine": K.COSINE.value, "hinge": K.HINGE.value}
@@ -45,10 +47,26 @@ def interpreting() -> bool:
     return INTERPRETED
 
 
+def _problem(z: torch.Tensor, layout: bool = True) -> Exception | None:
+    """Why the kernels cannot take the (N, D) input z (None: they can); ``layout=False``
+    leaves out its strides (a caller that flattens z makes the last dimension contiguous)."""
+    if z.dtype not in SUPPORTED_DTYPES:
+        return TypeError(f"the Triton kernels take float32, bfloat16 or float16, got {z.dtype}")
+    if not 1 <= z.shape[0] <= MAX_N:
+        return ValueError(f"the fused path supports 1 <= N <= {MAX_N} rows, got N = {z.shape[0]}")
+    if z.shape[1] < 1:
+        return ValueError("z must have at least one column")
+    if layout and z.stride(-1) != 1:
+        return ValueError(f"z's last dimension must be contiguous (stride 1), got strides {z.stride()}")
+    if not (z.is_cuda or interpreting()):
+        return RuntimeError("the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 set before "
+                            "triton is imported, for CPU tensors)")
+    return None
+
+
 def supports(z: torch.Tensor) -> bool:
-    """Whether the fused path takes this flattened (N, D) input (else: the Gram path)."""
-    return (z.dim() == 2 and 1 <= z.shape[0] <= MAX_N and z.dtype in SUPPORTED_DTYPES
-            and (z.is_cuda or interpreting()))
+    """Whether the fused path takes this flattened (N, D) input, any strides (else: the Gram path)."""
+    return z.dim() == 2 and _problem(z, layout=False) is None
 
 
 def supports_groups(z: torch.Tensor, variant: str) -> bool:
@@ -93,29 +111,16 @@ def _split_columns(n_blocks: int, tiles_in_grid: int, device: torch.device, spli
 
 
 def _check(z: torch.Tensor) -> None:
+    """Raises when the kernels cannot take z: one check per entry point (forward, backward, gram)."""
     if z.dim() == 3:  # a stack of K batches (groups); each is checked as an (N, D) input
         if z.shape[0] < 1:
             raise ValueError("a stack of batches needs at least one group")
-        _check(z[0])
-        return
-    if z.dim() != 2:
+        z = z[0]
+    elif z.dim() != 2:
         raise ValueError(f"z must be flattened to (N, D) or stacked to (K, N, D), got shape {tuple(z.shape)}")
-    if z.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"the Triton kernels take float32, bfloat16 or float16, got {z.dtype}")
-    if not 1 <= z.shape[0] <= MAX_N:
-        raise ValueError(f"the fused path supports 1 <= N <= {MAX_N} rows, got N = {z.shape[0]}")
-    if z.shape[1] < 1:
-        raise ValueError("z must have at least one column")
-    if z.stride(-1) != 1:
-        raise ValueError(f"z's last dimension must be contiguous (stride 1), got strides {z.stride()}")
-    if not (z.is_cuda or interpreting()):
-        raise RuntimeError("the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 set before "
-                           "triton is imported, for CPU tensors)")
-
-
-def _check_variant(variant: str) -> None:
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown dispersive-loss variant {variant!r}; expected one of {VARIANTS}")
+    problem = _problem(z)
+    if problem is not None:
+        raise problem
 
 
 def _check_out(out: torch.Tensor, shape: tuple, dtype: torch.dtype, row_stride_ok: bool = False) -> torch.Tensor:
@@ -139,6 +144,11 @@ def gram(z: torch.Tensor, shift: bool, *, split: int | None = None, out: torch.T
     """N x N fp32 Gram of z (of ``z - z_0`` with ``shift``): split-K partials, then a fixed-order sum.
     For a stack (K, N, D), the K Grams (K, N, N) from the same two launches."""
     _check(z)
+    return _gram(z, shift, split, out)
+
+
+def _gram(z: torch.Tensor, shift: bool, split: int | None, out: torch.Tensor | None) -> torch.Tensor:
+    """``gram`` of a checked z."""
     zg = _groups(z)
     k, n, d = zg.shape
     t = tiles_for(n, z.dtype)
@@ -195,12 +205,11 @@ def forward(z: torch.Tensor, variant: str, tau: float = 1.0, margin: float = 1.0
     ``split`` overrides the number of column splits of the Gram kernel (tests).
     """
     _check(z)
-    _check_variant(variant)
     if z.dim() == 3 and not supports_groups(z[0], variant):
         raise ValueError(f"a stack of batches takes N <= {EPILOGUE_MAX_N} and no covariance, got N = "
                          f"{z.shape[1]}, {variant}; call per batch instead")
     n, d = z.shape[-2:]
-    g = gram(z, shift=variant in DISTANCE_VARIANTS, split=split)               # ([K,] N, N)
+    g = _gram(z, variant in DISTANCE_VARIANTS, split, None)                    # ([K,] N, N)
     if variant == "covariance":
         return _covariance(z, g, split)
     dist_scale = 1.0 / d if normalize_by_dim else 1.0
@@ -226,7 +235,6 @@ def backward(grad_out: torch.Tensor, z: torch.Tensor, mix_hat: torch.Tensor, sta
     """dL/dz (N, D) in z's dtype: one more read of z, one write of dz. For a stack (K, N, D),
     grad_out is (K,) and dz (K, N, D)."""
     _check(z)
-    _check_variant(variant)
     n, d = z.shape[-2:]
     k = _groups(z).shape[0]
     mix_hat, state = mix_hat.contiguous(), state.contiguous()                 # ([K,] N, N), ([K,] 1 or 3, N)
@@ -247,18 +255,5 @@ def backward(grad_out: torch.Tensor, z: torch.Tensor, mix_hat: torch.Tensor, sta
     return dz
 
 
-# ----------------------------------------------------------------------------- the backend
-
-
-def triton_backend(z: torch.Tensor, variant: str, tau: float, margin: float,
-                   normalize_by_dim: bool) -> torch.Tensor:
-    """``backend="triton"`` of ``kernels.dispersive_loss`` on one batch z (N, ...)."""
-    from .ops import dispersive_op
-
-    # Beyond MAX_N, or fp64: the Gram path (it runs on CUDA too). A shape/dtype test, no sync.
-    backend = "triton" if supports(z.detach().reshape(z.shape[0], -1)) else "torch"
-    return dispersive_op(z, variant, tau, margin, normalize_by_dim, backend)
-
-
 __all__ = ["EPILOGUE_MAX_N", "INTERPRETED", "MAX_N", "TILES", "Tiles", "backward", "forward", "gram",
-           "supports", "tiles_for", "triton_backend"]
+           "supports", "supports_groups", "tiles_for"]
