@@ -40,6 +40,44 @@ DEFAULT_MARGIN = 1.0
 COSINE_EPS = 1e-12
 
 
+
+def dispersive_floor(variant: Variant, n: int, tau: float = 1.0, margin: float = DEFAULT_MARGIN) -> float:
+    """The smallest value the loss of a batch of ``n`` rows can take (its value once the rows
+    are as far apart as the variant can tell; gradient ~0 from there).
+
+    infonce_l2: every off-diagonal distance large, only the N diagonal terms left: -log N.
+    infonce_cosine: the rows a regular simplex (every cos = -1/(N-1), reachable when
+    D >= N - 1): log((N e^(1/tau) + N(N-1) e^(-1/((N-1) tau))) / N^2). hinge: only the
+    diagonal's constant margin^2 / N. covariance: 0.
+    """
+    if variant == "infonce_l2":
+        return -math.log(n)
+    if variant == "infonce_cosine":
+        if n == 1:
+            return 1.0 / tau
+        return math.log((n * math.exp(1.0 / tau) + n * (n - 1) * math.exp(-1.0 / ((n - 1) * tau))) / n**2)
+    if variant == "hinge":
+        return margin**2 / n
+    if variant == "covariance":
+        return 0.0
+    raise ValueError(f"unknown dispersive-loss variant {variant!r}; expected one of {VARIANTS}")
+
+
+def off_diagonal_share(variant: Variant, loss: torch.Tensor, n: int, tau: float = 1.0) -> torch.Tensor | None:
+    """For the InfoNCE variants, the softmax weight the loss puts on pairs i != j (the share that
+    carries gradient; 0 at the floor of infonce_l2), from the loss value alone: the diagonal's
+    logits are known (0 for L2, 1/tau for cosine; zero rows aside) and the loss is the log-mean-exp.
+    None for hinge and covariance."""
+    if variant == "infonce_l2":
+        diagonal_logit = 0.0
+    elif variant == "infonce_cosine":
+        diagonal_logit = 1.0 / tau
+    else:
+        return None
+    # sum_i P_ii = N exp(diagonal_logit) / (N^2 exp(loss))
+    return 1.0 - torch.exp(diagonal_logit - loss - math.log(n))
+
+
 def _flatten(z: torch.Tensor, upcast: bool) -> torch.Tensor:
     z = z.reshape(z.shape[0], -1)
     if upcast:

@@ -35,13 +35,13 @@ import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from dataclasses import asdict, dataclass
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from engine.evaluation.fid import FD_METHODS, FeatureStatistics, FrechetDetails, StatsAccumulator, frechet_distance_stats
+from engine.evaluation.fid import FD_METHODS, FeatureStatistics, FrechetDetails, frechet_distance_stats
 from engine.evaluation.inception import load_inception
 
 IS_SPLITS = 10

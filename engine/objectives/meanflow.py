@@ -70,7 +70,6 @@ from torch import Tensor
 
 import models
 from engine.objectives.base import _Base
-from engine.objectives.dispersive import DispersiveConfig
 from engine.objectives.jvp import eager_forward, target_passes
 from models import labels_as_given, unwrap_model
 

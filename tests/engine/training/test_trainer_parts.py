@@ -11,7 +11,7 @@ from engine.objectives.build import build_objective
 from engine.objectives.dispersive import DispersiveConfig
 from engine.train import parse
 from engine.training.trainer import Trainer, describe_data
-from tests.test_objective import tiny
+from tests.engine.objectives.test_objectives import tiny
 
 
 def test_the_literal_command_trains_with_the_release_regularizer():

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import resource
-from pathlib import Path
 
 import pytest
 import torch
 
 import models
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_compile_fullgraph_matches_eager(monkeypatch):

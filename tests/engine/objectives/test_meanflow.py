@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +18,8 @@ from engine.objectives.meanflow import (MeanFlowConfig, MeanFlowObjective, adapt
 from engine.objectives.meanflow_presets import MEANFLOW_PRESETS, meanflow_preset
 from engine.sampling.meanflow import meanflow_times, meanflow_velocity_fn, sample_meanflow
 from engine.objectives.dispersive import DispersiveConfig
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = dict(input_size=8, patch_size=2, depth=2, hidden_size=64, num_heads=4, num_classes=10,
             learn_sigma=False, second_time_input=True)
 
@@ -511,7 +510,7 @@ _DEEPSPEED_SCRIPT = textwrap.dedent("""
     from engine.objectives.meanflow import MeanFlowConfig
     from engine.sampling.meanflow import sample_meanflow
     from engine.objectives.dispersive import DispersiveConfig
-    from tests.test_meanflow import tiny_model
+    from tests.engine.objectives.test_meanflow import tiny_model
     import deepspeed
 
     init_distributed()

@@ -17,8 +17,8 @@ from engine.evaluation.adm import (compute_activations, evaluate_batches, incept
 from engine.evaluation.fid import FeatureStatistics, StatsAccumulator, frechet_details, frechet_distance
 from engine.evaluation.inception import (FIDInceptionV3, InceptionWeightsError, WEIGHTS_ENV, WEIGHTS_FILENAME,
                                          WEIGHTS_URL, load_inception, tf1_resize_bilinear)
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DIMS = [1, 7, 64, 203]
 
 

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from engine.experiments.classifier import DigitClassifier, random_shift
 from engine.experiments.scoring import sample_noise_and_labels
@@ -58,7 +59,7 @@ def test_classifier_and_fixed_noise():
 def test_smoke_end_to_end_then_sweep_reuses_runs(tmp_path, capsys):
     out = tmp_path / "toy"
     result = main(["--out", str(out), "--smoke"])
-    for name in ("results.md", "results.json", "samples.png", "classifier.pt"):
+    for name in ("results.md", "results.json", "samples.png", "curves.png", "classifier.pt"):
         assert (out / name).is_file(), name
     runs = result["runs"]
     assert [r["name"] for r in runs] == ["baseline", "disp_l0.25_t1_last_infonce_l2"]
@@ -85,4 +86,6 @@ def test_smoke_end_to_end_then_sweep_reuses_runs(tmp_path, capsys):
     log = capsys.readouterr().out
     assert "training" not in log and "sampling" not in log and log.count("reusing") == 2
     assert (out / "sweep_s4_d2_h32_p4.md").is_file()
+    with Image.open(out / "sweep_s4_d2_h32_p4_curves.png") as img:  # every run's curves in one picture
+        assert img.format == "PNG" and img.size == (1200, 450)
     assert [r["fd"] for r in sweep["runs"]] == pytest.approx([r["fd"] for r in runs])

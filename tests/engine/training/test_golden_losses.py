@@ -1,7 +1,7 @@
 """Numerics regression: the per-step losses of tiny runs against a golden file (torchtitan's habit).
 
 A refactor must leave every logged loss where it was; a real change of the numbers regenerates
-the file on purpose: ``DISP_WRITE_GOLDEN=1 pytest tests/test_golden_losses.py`` (then commit it,
+the file on purpose: ``DISP_WRITE_GOLDEN=1 pytest tests/engine/training/test_golden_losses.py`` (then commit it,
 saying why the numbers moved).
 """
 from __future__ import annotations

@@ -19,8 +19,8 @@ from bench.hardware import DeviceFigures, formula_counts, pass_roofline
 from bench.report import fmt, render, write_report
 from bench.timing import summarize
 from kernels import reference_dispersive_loss
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _bench_row(name: str, median_s: float, extra: dict) -> dict:

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().parents[1] / "build" / "cache" / "inductor"))
+from tests.conftest import REPO
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(REPO / "build" / "cache" / "inductor"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -88,7 +89,7 @@ def test_eager_calls_skip_the_op_dispatch_with_identical_results(variant, rng):
 
 
 def test_double_backward_is_exact_eagerly_and_refused_when_compiled(rng):
-    """Eager calls and the op (tests/test_dispersive_fidelity.py has the full checks): a backward
+    """Eager calls and the op (tests/kernels/test_fidelity.py has the full checks): a backward
     with create_graph=True differentiates a plain-torch formula, so second derivatives are exact
     (this test asserted a RuntimeError before they were). Compiled graphs keep the closed-form
     ``dispersive::backward`` (AOTAutograd traces the backward without create_graph), and a double

@@ -23,8 +23,8 @@ from engine.sampling.generate import sample_images
 from engine.sampling.guidance import Guidance
 from engine.sampling.samplers import SamplerConfig
 from engine.diffusion.transport import LossWeight, PathType, Prediction, TransportConfig
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = dict(input_size=8, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 
 

@@ -7,11 +7,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
 
 
 def _compile_env() -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from pathlib import Path
 
 import torch
 
@@ -45,6 +44,7 @@ import kernels  # noqa: E402
 from kernels import VARIANTS, dispersive_loss, reference_dispersive_loss  # noqa: E402
 from kernels.fused import jit  # noqa: E402
 from kernels.fused import launch as td  # noqa: E402
+from tests.conftest import REPO  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -345,7 +345,7 @@ def test_first_call_inside_torch_compile():
     """The kernels module is first imported while dynamo traces (a fresh process): still one graph."""
     import subprocess
 
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", _FIRST_CALL_COMPILED], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
