@@ -12,6 +12,8 @@ ROOT=$PWD
 export TRITON_CACHE_DIR="$ROOT/build/cache/triton"
 export TORCH_EXTENSIONS_DIR="$ROOT/build/cache/torch_extensions"
 export TORCHINDUCTOR_CACHE_DIR="$ROOT/build/cache/inductor"
+export MPLCONFIGDIR="$ROOT/build/cache/matplotlib"
+export WANDB_CACHE_DIR="$ROOT/build/cache/wandb" WANDB_CONFIG_DIR="$ROOT/build/cache/wandb"
 export PYTHONUNBUFFERED=1
 
 setup() {

@@ -23,6 +23,7 @@ import models
 from engine.data.datasets import check_dataset
 from engine.config.flags import add_config_arguments, apply_overrides, config_from_dict, config_to_dict, overrides_from_args
 from engine.training.config import TrainConfig
+from engine.training.metrics import WANDB_MISSING, wandb_available
 from engine.training.trainer import Trainer
 from engine.objectives.dispersive import DispersiveConfig
 from engine.objectives.meanflow_presets import MEANFLOW_PRESETS, meanflow_preset
@@ -91,6 +92,8 @@ def check_before_launch(cfg: TrainConfig) -> None:
             json.loads(Path(cfg.deepspeed_config).read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"--deepspeed-config {cfg.deepspeed_config}: not valid JSON ({e})") from None
+    if cfg.wandb and not wandb_available():
+        raise ValueError(WANDB_MISSING)
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_dir():
         raise FileNotFoundError(f"--resume {cfg.resume}: no such checkpoint directory (or use --resume auto)")
 

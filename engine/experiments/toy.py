@@ -18,9 +18,12 @@ What one comparison (``run_compare``) does:
        dispersion   the regularised block's mean pairwise squared distance / D and InfoNCE-L2
                     value at the run's tau against its floor -log N (raw weights, N = 256)
   4. writes ``samples.png`` (baseline left, Dispersive Loss right; one column per digit; same
-     noise in the same place) and ``results.md`` / ``results.json`` (``engine.experiments.report``).
+     noise in the same place), ``curves.png`` (both runs' diffusion loss and Dispersive term
+     against its floor, ``engine.training.plots``) and ``results.md`` / ``results.json``
+     (``engine.experiments.report``).
 
-A sweep (``run_sweep``) does 2 and 3 for the baseline and every setting, and writes one table.
+A sweep (``run_sweep``) does 2 and 3 for the baseline and every setting, and writes one table
+and one PNG of every run's curves.
 
 Everything is cached under the output folder: a training run is reused when its exact command
 line matches (``runs/<tag>/toy_run.json``), its samples and scores when the evaluation settings
@@ -43,6 +46,7 @@ from engine.experiments.report import per_block_table, results_table, side_by_si
 from engine.experiments.runs import train_run
 from engine.experiments.scoring import RunMetrics, evaluate_run, sample_noise_and_labels
 from engine.experiments.settings import DispSetting, ToyConfig, log
+from engine.training.plots import plot_comparison
 
 
 @dataclass
@@ -70,14 +74,18 @@ def prepare(root: Path, cfg: ToyConfig) -> Shared:
 
 
 def _train_and_score(root: Path, cfg: ToyConfig, shared: Shared,
-                     settings: Sequence[DispSetting | None]) -> tuple[list[RunMetrics], list[torch.Tensor]]:
-    """Train (or reuse) and score one run per setting (None: the baseline)."""
-    rows, samples = [], []
+                     settings: Sequence[DispSetting | None],
+                     curves: Path) -> tuple[list[RunMetrics], list[torch.Tensor]]:
+    """Train (or reuse) and score one run per setting (None: the baseline); their training curves
+    side by side in the PNG ``curves``."""
+    rows, samples, folders = [], [], []
     for disp in settings:
         run = train_run(root, cfg, disp)
         m, s = evaluate_run(run, disp, cfg, shared.real, shared.net, shared.ref_stats, shared.noise, shared.labels)
         rows.append(m)
         samples.append(s)
+        folders.append((m.setting, run.path))
+    plot_comparison(folders, curves, title=f"digits, {cfg.steps} steps of batch {cfg.global_batch}")
     return rows, samples
 
 
@@ -96,21 +104,23 @@ def run_compare(root: Path, cfg: ToyConfig) -> dict:
     """Baseline vs one Dispersive Loss setting: results.md, results.json, samples.png under root."""
     t0 = time.perf_counter()
     shared = prepare(root, cfg)
-    rows, samples = _train_and_score(root, cfg, shared, (None, cfg.disp))
+    rows, samples = _train_and_score(root, cfg, shared, (None, cfg.disp), root / "curves.png")
     png = side_by_side_png(root / "samples.png", samples[0], samples[1],
                            ("baseline", f"Dispersive Loss ({cfg.disp.describe()})"), cfg.grid_per_class)
     table = results_table(rows, shared.real_fd, shared.clf_acc, cfg) + "\n\n" + per_block_table(rows)
     return _finish(root / "results", "Toy comparison", table, t0,
                    {"config": cfg.as_json(), "real_fd": shared.real_fd, "classifier_acc": shared.clf_acc,
-                    "runs": [asdict(r) for r in rows], "png": str(png)})
+                    "runs": [asdict(r) for r in rows], "png": str(png), "curves": str(root / "curves.png")})
 
 
 def run_sweep(root: Path, cfg: ToyConfig, settings: Sequence[DispSetting]) -> dict:
     """The baseline plus every setting (shared baseline run, classifier, noise): sweep_<suffix>.md/json."""
     t0 = time.perf_counter()
     shared = prepare(root, cfg)
-    rows, _ = _train_and_score(root, cfg, shared, (None, *settings))
+    curves = root / f"sweep_{cfg.run_suffix()}_curves.png"
+    rows, _ = _train_and_score(root, cfg, shared, (None, *settings), curves)
     table = results_table(rows, shared.real_fd, shared.clf_acc, cfg)
     return _finish(root / f"sweep_{cfg.run_suffix()}", "Dispersive Loss sweep", table, t0,
                    {"config": cfg.as_json(), "settings": [asdict(s) for s in settings],
-                    "real_fd": shared.real_fd, "classifier_acc": shared.clf_acc, "runs": [asdict(r) for r in rows]})
+                    "real_fd": shared.real_fd, "classifier_acc": shared.clf_acc, "runs": [asdict(r) for r in rows],
+                    "curves": str(curves)})

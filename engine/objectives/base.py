@@ -51,7 +51,8 @@ class Objective(Protocol):
     dispersive: DispersiveConfig
 
     def __call__(self, model: torch.nn.Module, x: Tensor, y: Tensor, valid: Tensor | None = None,
-                 generator: torch.Generator | None = None) -> dict[str, Tensor]: ...
+                 generator: torch.Generator | None = None, diagnostics: bool = False) -> dict[str, Tensor]:
+        """``diagnostics``: also the dispersive term's per-block diagnostics (log steps)."""
 
     def model_overrides(self) -> dict[str, Any]:
         """``models.create_model`` arguments the objective needs (MeanFlow: a second time input)."""
@@ -106,11 +107,12 @@ class _Base:
         return out, hidden, blocks
 
     def _finish(self, per_sample: Tensor, valid: Tensor | None, hidden: list[Tensor],
-                blocks: list[tuple[int, float]], extras: dict[str, Tensor]) -> dict[str, Tensor]:
+                blocks: list[tuple[int, float]], extras: dict[str, Tensor],
+                diagnostics: bool = False) -> dict[str, Tensor]:
         diffusion_loss = _masked_mean(per_sample, valid)
         out: dict[str, Tensor] = {}
         if blocks:
-            total, logs = dispersive_terms(hidden, blocks, self.dispersive)
+            total, logs = dispersive_terms(hidden, blocks, self.dispersive, diagnostics)
             loss = diffusion_loss + total
             out.update(logs)
         else:

@@ -112,9 +112,16 @@ class DispersiveConfig:
         return list(zip(indices, weights))
 
 
-def dispersive_terms(hidden: Sequence[Tensor], blocks: Sequence[tuple[int, float]],
-                     config: DispersiveConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """(lambda * sum_k w_k L_k with grad, {"dispersive/block_k": L_k detached})."""
+def dispersive_terms(hidden: Sequence[Tensor], blocks: Sequence[tuple[int, float]], config: DispersiveConfig,
+                     diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    """(lambda * sum_k w_k L_k with grad, {"dispersive/block_k": L_k detached}).
+
+    With ``diagnostics`` (the trainer asks on log steps only) also, per block, detached:
+    ``/gap`` the term minus its floor (``kernels.dispersive_floor``; 0 = at the floor, where
+    its gradient vanishes), ``/off_diagonal`` for the InfoNCE variants the softmax weight on
+    pairs i != j (the share that carries gradient), ``/rms`` the block output's RMS (the
+    floor can be reached by scaling the residual stream up, which the final LayerNorm hides).
+    """
     # One call for all blocks: on the Triton backend one launch per kernel instead of one
     # call per block (the per-call host cost dominates at the paper's sizes).
     values = kernels.dispersive_loss_groups(
@@ -127,4 +134,25 @@ def dispersive_terms(hidden: Sequence[Tensor], blocks: Sequence[tuple[int, float
     else:
         total = (values * torch.tensor(weights, dtype=values.dtype).to(values.device, non_blocking=True)).sum()
     logs = {f"dispersive/block_{index}": v for (index, _), v in zip(blocks, values.detach())}
+    if diagnostics:
+        logs.update(_diagnostics(hidden, blocks, values.detach(), config))
     return config.lambda_ * total, logs
+
+
+def _diagnostics(hidden: Sequence[Tensor], blocks: Sequence[tuple[int, float]], values: Tensor,
+                 config: DispersiveConfig) -> dict[str, Tensor]:
+    """Detached device scalars: no host synchronisation here."""
+    rows = hidden[0].shape[0]
+    if config.scope == "global" and torch.distributed.is_initialized():
+        rows *= torch.distributed.get_world_size()  # the term sees the gathered batch
+    floor = kernels.dispersive_floor(config.variant, rows, config.tau, config.margin)
+    out: dict[str, Tensor] = {}
+    for (index, _), value, h in zip(blocks, values, hidden):
+        key = f"dispersive/block_{index}"
+        out[f"{key}/gap"] = value - floor
+        share = kernels.off_diagonal_share(config.variant, value, rows, config.tau)
+        if share is not None:
+            out[f"{key}/off_diagonal"] = share
+        # fp32 accumulation without an fp32 copy of a bf16 block output
+        out[f"{key}/rms"] = torch.linalg.vector_norm(h.detach(), dtype=torch.float32) / h.numel() ** 0.5
+    return out

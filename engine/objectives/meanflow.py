@@ -325,8 +325,8 @@ class MeanFlowObjective(_Base):
         return {"kind": "meanflow", "num_steps": self.config.sample_steps}
 
     def compute(self, model: torch.nn.Module, x: Tensor, y: Tensor, t: Tensor, r: Tensor, noise: Tensor,
-                keep: Tensor | None = None, valid: Tensor | None = None, same_rows: int = 0
-                ) -> dict[str, Tensor]:
+                keep: Tensor | None = None, valid: Tensor | None = None, same_rows: int = 0,
+                diagnostics: bool = False) -> dict[str, Tensor]:
         """The objective at given times t >= r (N,), noise (N, C, H, W) and kept labels.
 
         keep: bool (N,), False rows get the null label (and an unguided target); None keeps all.
@@ -363,7 +363,7 @@ class MeanFlowObjective(_Base):
         err = _per_sample((u - u_tgt) ** 2, self.config.reduction)  # (N,)
         weighted = adaptive_weighted(err, self.config.adaptive_p, self.config.adaptive_c)
         extras = {"mf_error": err.detach(), "v_error": _per_sample((u.detach() - v) ** 2, self.config.reduction)}
-        return self._finish(weighted, valid, hidden, blocks, extras)
+        return self._finish(weighted, valid, hidden, blocks, extras, diagnostics)
 
     def sample_inputs(self, model: torch.nn.Module, x: Tensor, generator: torch.Generator | None = None
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -382,10 +382,10 @@ class MeanFlowObjective(_Base):
         return t, r, noise, (~drop if cfg.class_dropout_prob > 0 else None)
 
     def __call__(self, model: torch.nn.Module, x: Tensor, y: Tensor, valid: Tensor | None = None,
-                 generator: torch.Generator | None = None) -> dict[str, Tensor]:
+                 generator: torch.Generator | None = None, diagnostics: bool = False) -> dict[str, Tensor]:
         t, r, noise, keep = self.sample_inputs(model, x, generator)
         same = int(x.shape[0] * self.config.r_equals_t)  # sample_times puts r = t on these rows
-        return self.compute(model, x, y, t, r, noise, keep=keep, valid=valid, same_rows=same)
+        return self.compute(model, x, y, t, r, noise, keep=keep, valid=valid, same_rows=same, diagnostics=diagnostics)
 
 
 __all__ = [

@@ -28,16 +28,16 @@ class SiTObjective(_Base):
         return self.transport
 
     def compute(self, model: torch.nn.Module, x: Tensor, y: Tensor, t: Tensor, noise: Tensor,
-                valid: Tensor | None = None) -> dict[str, Tensor]:
+                valid: Tensor | None = None, diagnostics: bool = False) -> dict[str, Tensor]:
         """The objective at given times t (N,) in [0, 1] and noise (N, C, H, W)."""
         x = x.float()
         x_t, u_t = self._transport.interpolate(t, noise, x)  # (N, C, H, W) each
         out, hidden, blocks = self._call_model(model, x_t, t, y)
         per_sample = self._transport.loss_per_sample(out, t, noise, x_t, u_t)  # (N,)
-        return self._finish(per_sample, valid, hidden, blocks, {})
+        return self._finish(per_sample, valid, hidden, blocks, {}, diagnostics)
 
     def __call__(self, model: torch.nn.Module, x: Tensor, y: Tensor, valid: Tensor | None = None,
-                 generator: torch.Generator | None = None) -> dict[str, Tensor]:
+                 generator: torch.Generator | None = None, diagnostics: bool = False) -> dict[str, Tensor]:
         noise = _randn(x.shape, x, generator)  # noise first, then t: the release's order
         t = self._transport.sample_time(x.shape[0], device=x.device, generator=generator)
-        return self.compute(model, x, y, t, noise, valid)
+        return self.compute(model, x, y, t, noise, valid, diagnostics)

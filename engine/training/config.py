@@ -164,6 +164,11 @@ class TrainConfig:
     """``auto`` (latest complete checkpoint in results_dir, if any) or a checkpoint directory."""
     log_every: int = 100
     """Log a line and a metrics record every this many steps."""
+    tensorboard: bool = True
+    """Also write every metric and the sample grids as TensorBoard events (results_dir/tensorboard)."""
+    wandb: str | None = None
+    """Also log to the Weights & Biases project of this name (into results_dir/wandb; offline unless
+    you are logged in or set WANDB_MODE; needs ``pip install wandb``)."""
     sample_every: int = 0
     """Write an EMA sample grid every this many steps (0: only at the end)."""
     sample_count: int = 16

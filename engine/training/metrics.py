@@ -1,14 +1,21 @@
-"""Training observability: metric records (JSONL + CSV), phase timers with NVTX ranges, MFU."""
+"""Training observability: the metrics sinks (JSONL + CSV, TensorBoard, wandb), phase timers with
+NVTX ranges, MFU."""
 from __future__ import annotations
 
 import contextlib
 import csv
+import importlib.util
 import json
+import netrc
+import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
+from urllib.parse import urlparse
 
+import numpy as np
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 # Dense peak TFLOP/s by (device-name fragment, precision), from the vendors' data sheets.
 _PEAK_TFLOPS = {
@@ -67,25 +74,144 @@ class PhaseTimer:
         return totals
 
 
-class MetricsWriter:
-    """Appends one record per log step to ``metrics.jsonl`` and ``metrics.csv`` (rank 0)."""
+class MetricSink:
+    """Where the metrics of a run go. One interface for every destination: ``scalars`` (one
+    record per log step), ``image`` (an (H, W, 3) uint8 picture, e.g. a sample grid), ``close``."""
 
-    def __init__(self, folder: Path, enabled: bool):
-        self.enabled = enabled
+    def scalars(self, step: int, record: dict[str, Any]) -> None:
+        pass
+
+    def image(self, tag: str, step: int, image: np.ndarray) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _numbers(record: dict[str, Any]) -> dict[str, float]:
+    """The record's scalars (the step itself and values that are not numbers, e.g. MFU None, left out)."""
+    return {k: float(v) for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
+
+
+class FileSink(MetricSink):
+    """One record per log step appended to ``metrics.jsonl`` and ``metrics.csv`` (the images are
+    the trainer's PNGs already)."""
+
+    def __init__(self, folder: Path):
         self.jsonl = folder / "metrics.jsonl"
         self.csv = folder / "metrics.csv"
         self._columns: list[str] | None = None
 
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
+    def scalars(self, step: int, record: dict[str, Any]) -> None:
         with open(self.jsonl, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({"step": step, **record}) + "\n")
         if self._columns is None:
-            self._columns = list(record)
+            self._columns = ["step", *record]
             new = not self.csv.exists()
             with open(self.csv, "a", newline="") as f:
                 if new:
                     csv.writer(f).writerow(self._columns)
         with open(self.csv, "a", newline="") as f:
-            csv.writer(f).writerow([record.get(c, "") for c in self._columns])
+            csv.writer(f).writerow([step if c == "step" else record.get(c, "") for c in self._columns])
+
+
+class TensorBoardSink(MetricSink):
+    """TensorBoard event files in ``folder`` (``tensorboard --logdir RUN_DIR/tensorboard``), flushed
+    at every write so that a killed run keeps what it logged."""
+
+    def __init__(self, folder: Path):
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def scalars(self, step: int, record: dict[str, Any]) -> None:
+        for tag, value in _numbers(record).items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def image(self, tag: str, step: int, image: np.ndarray) -> None:
+        self.writer.add_image(tag, image, step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def wandb_available() -> bool:
+    try:
+        return importlib.util.find_spec("wandb") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+WANDB_MISSING = ("--wandb needs the wandb package, which is not installed: pip install wandb "
+                 "(or pip install -e '.[wandb]'), or leave --wandb out")
+
+
+def wandb_mode(environ: Mapping[str, str] = os.environ) -> str | None:
+    """``offline`` unless the user chose a mode (WANDB_MODE) or is logged in (WANDB_API_KEY, or the
+    W&B host in ~/.netrc / $NETRC, where ``wandb login`` writes the key); None leaves it to wandb."""
+    if environ.get("WANDB_MODE") or environ.get("WANDB_API_KEY"):
+        return None
+    host = urlparse(environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        logged_in = netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        logged_in = False
+    return None if logged_in else "offline"
+
+
+class WandbSink(MetricSink):
+    """A Weights & Biases run in ``folder/wandb`` (offline when there is no login, see ``wandb_mode``)."""
+
+    def __init__(self, folder: Path, project: str, config: dict[str, Any] | None = None):
+        try:
+            import wandb  # optional dependency (the ``wandb`` extra): only runs that ask for it need it
+        except ImportError:
+            raise ImportError(WANDB_MISSING) from None
+        self.wandb = wandb
+        self.run = wandb.init(project=project, name=folder.name, dir=str(folder), config=config,
+                              mode=wandb_mode())
+
+    def scalars(self, step: int, record: dict[str, Any]) -> None:
+        self.run.log(_numbers(record), step=step)
+
+    def image(self, tag: str, step: int, image: np.ndarray) -> None:
+        self.run.log({tag: self.wandb.Image(image)}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MetricSinks(MetricSink):
+    """The run's sinks behind one object: every call goes to each of them (none on ranks > 0)."""
+
+    def __init__(self, sinks: Sequence[MetricSink] = ()):
+        self.sinks = list(sinks)
+
+    @classmethod
+    def open(cls, folder: Path, *, enabled: bool, tensorboard: bool = True, wandb: str | None = None,
+             config: dict[str, Any] | None = None) -> "MetricSinks":
+        """metrics.jsonl/csv always, TensorBoard in ``folder/tensorboard`` when ``tensorboard``, a
+        wandb run of project ``wandb`` when given; nothing when not ``enabled`` (ranks > 0)."""
+        if not enabled:
+            return cls()
+        sinks: list[MetricSink] = [FileSink(folder)]
+        if tensorboard:
+            sinks.append(TensorBoardSink(folder / "tensorboard"))
+        if wandb:
+            sinks.append(WandbSink(folder, wandb, config))
+        return cls(sinks)
+
+    def scalars(self, step: int, record: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.scalars(step, record)
+
+    def image(self, tag: str, step: int, image: np.ndarray) -> None:
+        for sink in self.sinks:
+            sink.image(tag, step, image)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []

@@ -33,7 +33,9 @@ from engine.training.checkpoint import CheckpointManager, rng_state, set_rng_sta
 from engine.training.config import DataSection, TrainConfig
 from engine.training.deepspeed_setup import build_engine
 from engine.training.ema import FullEMA, ema_builder, full_state_dict
-from engine.training.metrics import MetricsWriter, PhaseTimer, peak_tflops
+from engine.training.saturation import SaturationWatch
+from engine.training.metrics import MetricSinks, PhaseTimer, peak_tflops
+from engine.training.plots import Floor, plot_run_curves
 
 
 class NonFiniteError(RuntimeError):
@@ -60,7 +62,8 @@ class Trainer:
     ema          fp32 EMA of the master weights (``ema.ema_builder``)
     loader       the batch stream (``builders.loader_for``)
     checkpoints  save / resume of all of it (``checkpoint.CheckpointManager``)
-    timer, metrics  step-time split and the metrics files
+    timer, metrics  step-time split and the metrics sinks (``metrics.MetricSinks``: files,
+                 TensorBoard, wandb); ``plots`` draws curves.png at the end
     """
 
     def __init__(self, cfg: TrainConfig):
@@ -108,7 +111,9 @@ class Trainer:
         self.skipped = 0
         self._stop_signal = False
         self.timer = PhaseTimer(self.device)
-        self.metrics = MetricsWriter(self.out, self.is_main)
+        self.saturation = SaturationWatch()
+        self.metrics = MetricSinks.open(self.out, enabled=self.is_main, tensorboard=cfg.tensorboard,
+                                        wandb=cfg.wandb, config=config_to_dict(cfg))
         self.flops_per_image = self.objective.flops_per_image(self.model_cfg)
         self.peak = peak_tflops(self.device, cfg.precision)
 
@@ -135,22 +140,23 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = True
 
-    def _micro_step(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _micro_step(self, batch, diagnostics: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y, valid = batch["x"], batch["y"], batch["valid"]
         # The latents stay fp32 under bf16 too: the noisy input and the target are formed in
         # fp32 and the model casts its own input (models.dit's patch embedding).
         with self.timer.phase("forward"):
-            out = self.objective(self.engine, x, y, valid=valid)
+            out = self.objective(self.engine, x, y, valid=valid, diagnostics=diagnostics)
         return out["loss"], out
 
-    def train_step(self, it) -> dict[str, float] | None:
-        """One optimizer step (``accum`` micro-batches); None when it was skipped."""
+    def train_step(self, it, diagnostics: bool = False) -> dict[str, float] | None:
+        """One optimizer step (``accum`` micro-batches); None when it was skipped. ``diagnostics``
+        (log steps): the objective adds the dispersive term's per-block diagnostics."""
         logs: dict[str, float] = {}
         bad_any = False
         for _ in range(self.accum):
             with self.timer.phase("data"):
                 batch = next(it)
-            loss, out = self._micro_step(batch)
+            loss, out = self._micro_step(batch, diagnostics)
             # One tiny all-reduce per micro-batch (a host sync): every rank must agree on
             # skipping, and on stopping after SIGTERM, or the collectives would desynchronise.
             flags = any_true(torch.stack([~torch.isfinite(loss.detach()).cpu(),
@@ -214,7 +220,7 @@ class Trainer:
                 profiler = self._start_profiler()
             log_now = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
             self.timer.sync = log_now
-            logs = self.train_step(it)
+            logs = self.train_step(it, diagnostics=log_now)
             window_images += cfg.global_batch
             if profiler is not None and self.step >= cfg.profile_steps[1]:
                 self._stop_profiler(profiler)
@@ -239,7 +245,19 @@ class Trainer:
         self.save()
         grid = self.sample_grid()
         summary = self._summary(last, grid, stopped_by_signal)
+        self._finish_metrics()
         return summary
+
+    def _finish_metrics(self) -> None:
+        """Close the sinks; rank 0 draws the run's curves into results_dir/curves.png."""
+        self.metrics.close()
+        if self.is_main and (self.out / "metrics.jsonl").exists():
+            floor = Floor.of(self.cfg.dispersive, self.micro, self.world)
+            try:
+                print(f"[train] curves: {plot_run_curves(self.out, floor=floor)}", flush=True)
+            except Exception as e:  # a picture is not worth failing a finished run: say so, go on
+                print(f"[train] warning: could not draw curves.png ({type(e).__name__}: {e}); "
+                      f"python -m engine.plot {self.out} retries", flush=True)
 
     # ------------------------------------------------------------ reporting
     def _print_startup(self, resume: Path | None) -> None:
@@ -265,10 +283,13 @@ class Trainer:
 
     def _log(self, logs: dict[str, float], images_per_s: float, phases: dict[str, float], bar) -> None:
         tflops = images_per_s * self.flops_per_image / 1e12
-        record = {"step": self.step, "images_per_s": images_per_s, "tflops": tflops,
+        record = {"images_per_s": images_per_s, "tflops": tflops,
                   "mfu": tflops / self.peak if self.peak else None, "skipped_steps": self.skipped,
                   **logs, **{f"time/{k}": v for k, v in phases.items()}}
-        self.metrics.write(record)
+        self.metrics.scalars(self.step, record)
+        warning = self.saturation.update(record)
+        if warning and self.is_main:
+            bar.write(f"[train] warning: {warning}")
         if self.is_main:
             disp = logs.get("dispersive_total", 0.0)
             bar.set_postfix(loss=f"{logs.get('diffusion_loss', math.nan):.4f}", disp=f"{disp:.4f}",
@@ -293,7 +314,9 @@ class Trainer:
             set_rng_state(rng)
             # Few classes (digits): one column per class, so each column is one label.
             nrow = self.model_cfg.num_classes if self.model_cfg.num_classes <= 16 else None
-            path = save_png(make_grid(images, nrow=nrow), self.out / "samples" / f"{self.step:07d}.png")
+            grid = make_grid(images, nrow=nrow)
+            path = save_png(grid, self.out / "samples" / f"{self.step:07d}.png")
+            self.metrics.image("samples/ema", self.step, grid)
         barrier()
         return path
 

@@ -48,8 +48,12 @@ def test_losses_agree_across_zero_stages(stage_runs):
     assert any(not torch.equal(emas[1][k], init[k]) for k in init)
     record = metrics(stage_runs[1])[-1]
     for key in ("diffusion_loss", "dispersive/block_1", "grad_norm", "lr", "images_per_s", "tflops",
-                "time/data", "time/forward", "time/backward", "time/optimizer"):
+                "time/data", "time/forward", "time/backward", "time/optimizer",
+                "dispersive/block_1/gap", "dispersive/block_1/off_diagonal", "dispersive/block_1/rms"):
         assert key in record, key
+    # the floor of the release term for this run's local batch (16 over 2 ranks)
+    assert record["dispersive/block_1/gap"] == pytest.approx(record["dispersive/block_1"] + math.log(8), abs=1e-6)
+    assert 0.0 <= record["dispersive/block_1/off_diagonal"] <= 1.0 and record["dispersive/block_1/rms"] > 0
 
 
 def test_resume_is_bit_identical(stage_runs, tmp_path):

@@ -52,7 +52,7 @@ def test_bf16_runs_keep_the_data_latents_fp32():
     trainer.engine = object()
     seen = {}
 
-    def objective(model, x, y, valid=None):
+    def objective(model, x, y, valid=None, diagnostics=False):
         seen["x"] = x
         return {"loss": x.sum()}
 
