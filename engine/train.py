@@ -24,6 +24,7 @@ from engine.data.datasets import check_dataset
 from engine.config.flags import add_config_arguments, apply_overrides, config_from_dict, config_to_dict, overrides_from_args
 from engine.training.config import TrainConfig
 from engine.training.metrics import WANDB_MISSING, wandb_available
+from engine.training.checkpoint import UnsafeCheckpointError
 from engine.training.trainer import Trainer
 from engine.objectives.dispersive import DispersiveConfig
 from engine.objectives.meanflow_presets import MEANFLOW_PRESETS, meanflow_preset
@@ -108,4 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UnsafeCheckpointError as e:  # a refused resume: one line per rank, no traceback
+        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -105,18 +105,63 @@ class CheckpointDir:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG stream of this process as tensors and plain types (``weights_only`` loads it)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": [version, list(internal), gauss_next]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    n = state["numpy"]
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A file of a checkpoint folder holds something other than tensors and plain data."""
+
+
+def _deepspeed_data_classes() -> list[type]:
+    """The only non-plain types DeepSpeed's own checkpoint files hold (found by loading every
+    file of ZeRO-1/2/3, fp32 and bf16 saves with ``weights_only=True``): plain data records."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler  # lazy: DeepSpeed is heavy to import
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def check_checkpoint_folder(path: Path) -> None:
+    """Every file of the folder must load with torch's restricted unpickler (``weights_only``:
+    tensors, plain types and DeepSpeed's few data records), before anything reads it for real.
+
+    DeepSpeed unpickles its files with code execution allowed, and a resume reads files that
+    anyone with write access to a shared results folder could have replaced: a pickled
+    ``__reduce__`` payload there would run on every rank. The check reads no tensor data
+    (``mmap``), so it costs little even for an XL optimizer state.
+    """
+    allowed = _deepspeed_data_classes()
+    for file in sorted(p for p in Path(path).iterdir() if p.is_file() and p.name != COMPLETE):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # any reason it does not load safely: refuse, naming the file
+            reason = str(e).strip().splitlines()
+            detail = next((line for line in reason if "GLOBAL" in line), reason[0] if reason else type(e).__name__)
+            raise UnsafeCheckpointError(
+                f"refusing to resume from {path}: {file.name} does not load as tensors and plain data "
+                f"({detail.strip()[:300]}). A checkpoint folder may hold only what this trainer and "
+                "DeepSpeed write; a file that needs a full unpickler could run code on every rank.") from None
 
 
 class CheckpointManager:
@@ -166,7 +211,9 @@ class CheckpointManager:
         return path
 
     def load(self, path: Path) -> dict[str, Any]:
-        """Restores the run from ``path``; returns the counters saved with it."""
+        """Restores the run from ``path``; returns the counters saved with it. Every file is
+        checked with a restricted unpickler first (``check_checkpoint_folder``)."""
+        check_checkpoint_folder(path)
         _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
         if client is None:
@@ -175,7 +222,7 @@ class CheckpointManager:
         if not mine.exists():
             raise FileNotFoundError(f"{mine} is missing: resume with the same number of ranks as the "
                                     f"run that saved {path}")
-        state = torch.load(mine, map_location="cpu", weights_only=False)  # numpy RNG state is not a tensor
+        state = torch.load(mine, map_location="cpu", weights_only=True)
         self.ema.load_shard_state(state.pop("ema"))
         self.loader.load_state_dict(state.pop("loader"))
         set_rng_state(state.pop("rng"))
