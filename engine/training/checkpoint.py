@@ -91,17 +91,38 @@ class CheckpointDir:
         tmp.write_text(f"{step}\n")
         os.replace(tmp, marker)
 
-    def prune(self, keep_last_k: int) -> list[int]:
+    def prune(self, keep_last_k: int, protect: tuple[int, ...] = ()) -> list[int]:
         """Removes all but the newest ``keep_last_k`` complete checkpoints, and interrupted
-        saves older than the newest complete one. Returns the removed steps."""
+        saves older than the newest complete one; never the steps in ``protect`` (the one just
+        written, the one resumed from). Returns the removed steps."""
         complete = self.steps()
         removed = complete[:-keep_last_k] if keep_last_k > 0 else []
         newest = complete[-1] if complete else -1
         removed += [s for s in self.steps(complete_only=False) if s not in complete and s < newest]
+        removed = [s for s in removed if s not in protect]
         for step in removed:
             shutil.rmtree(self.path(step), ignore_errors=True)
             self.release_path(step).unlink(missing_ok=True)
         return sorted(removed)
+
+    def set_aside_after(self, step: int) -> tuple[list[int], Path | None]:
+        """Moves every checkpoint newer than ``step`` (complete or not, with its release file) into
+        ``abandoned-after-NNNNNNN[-k]/``: a resume from an older step starts a new timeline, and
+        the old one's newer saves must neither be resumed by ``auto`` nor pruned ahead of the new
+        ones. Returns (the steps moved, the folder)."""
+        newer = [s for s in self.steps(complete_only=False) if s > step]
+        if not newer:
+            return [], None
+        aside = self.root / f"abandoned-after-{step:07d}"
+        k = 1
+        while aside.exists():
+            aside, k = self.root / f"abandoned-after-{step:07d}-{k}", k + 1
+        aside.mkdir()
+        for s in newer:
+            os.replace(self.path(s), aside / self.path(s).name)
+            if self.release_path(s).exists():
+                os.replace(self.release_path(s), aside / self.release_path(s).name)
+        return newer, aside
 
 
 def rng_state() -> dict[str, Any]:
@@ -179,6 +200,7 @@ class CheckpointManager:
         self.rank, self.is_main, self.keep_last_k = rank, rank == 0, keep_last_k
         self.engine, self.ema, self.loader = engine, ema, loader
         self.full_weights, self.release_fields = full_weights, release_fields
+        self.resumed_from: int | None = None
 
     def _state_file(self, path: Path) -> Path:
         return path / f"trainer-rank{self.rank:02d}.pt"
@@ -206,7 +228,8 @@ class CheckpointManager:
             del full
             parked.unlink()
             self.dir.mark_complete(step)
-            self.dir.prune(self.keep_last_k)
+            protect = (step,) if self.resumed_from is None else (step, self.resumed_from)
+            self.dir.prune(self.keep_last_k, protect=protect)
         barrier()
         return path
 
@@ -226,4 +249,15 @@ class CheckpointManager:
         self.ema.load_shard_state(state.pop("ema"))
         self.loader.load_state_dict(state.pop("loader"))
         set_rng_state(state.pop("rng"))
+        self.resumed_from = int(state["step"])
         return state
+
+    def abandon_newer(self) -> str | None:
+        """After a resume: rank 0 sets the newer checkpoints of the old timeline aside (every rank
+        waits); returns the sentence for the log, or None when there were none."""
+        moved, aside = self.dir.set_aside_after(self.resumed_from) if self.is_main else ([], None)
+        barrier()
+        if not moved:
+            return None
+        return (f"resuming from step {self.resumed_from} abandons the newer checkpoints of that run "
+                f"(steps {', '.join(map(str, moved))}): moved to {aside}, where nothing resumes or prunes them")

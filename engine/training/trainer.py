@@ -203,6 +203,10 @@ class Trainer:
         if resume is not None:
             self.load(resume)
         self._print_startup(resume)
+        if resume is not None:
+            note = self.checkpoints.abandon_newer()
+            if note and self.is_main:
+                print(f"[train] {note}", flush=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
 
