@@ -19,7 +19,6 @@ depend on the number of ranks: the posterior noise is seeded per chunk.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -32,6 +31,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from engine.config.pinned import differing_settings, write_json_atomic
 from engine.data.format import DEFAULT_SHARD_SIZE, LatentDatasetWriter
 from engine.data.vae import SD_VAE_SCALE, encode, load_vae
 
@@ -204,17 +204,12 @@ def _fingerprint(cfg: ExtractConfig, n_files: int, classes: list[str]) -> dict[s
 
 def _check_parts_dir(parts: Path, fingerprint: dict[str, Any]) -> None:
     parts.mkdir(parents=True, exist_ok=True)
-    meta = parts / "settings.json"
-    if meta.is_file():
-        old = json.loads(meta.read_text())
-        if old != fingerprint:
-            diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-            raise ValueError(f"{parts} holds chunks from a run with different settings {diff}; "
-                             "delete it or restore those settings")
-        return
-    tmp = parts / f".settings.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(fingerprint, indent=2))
-    os.replace(tmp, meta)
+    diff = differing_settings(parts / "settings.json", fingerprint)
+    if diff:
+        raise ValueError(f"{parts} holds chunks from a run with different settings {diff}; "
+                         "delete it or restore those settings")
+    if diff is None:
+        write_json_atomic(parts / "settings.json", fingerprint)
 
 
 def _batches_for(chunks: list[tuple[int, int, int]], batch_size: int) -> Iterator[list[int]]:

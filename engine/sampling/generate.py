@@ -22,9 +22,7 @@ directly (see ``engine.sampling.images.render_latents``).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from enum import Enum
@@ -36,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 import models
+from engine.config.pinned import differing_settings, write_json_atomic
 from engine.config.checks import fail, integer, number, one_of
 from engine.data.vae import SD_VAE_SCALE, decode, load_vae
 from engine.diffusion.gaussian import DiffusionConfig
@@ -172,17 +171,13 @@ def _write_manifest(out: Path, manifest: dict[str, Any], group: EnvGroup) -> Non
     """Refuses an --out made with other settings; rank 0 writes the manifest of a new one."""
     path = out / "manifest.json"
     # Every rank checks (so none waits forever on a rank that failed); rank 0 writes.
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != manifest:
-            diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
-            raise ValueError(f"{out} holds samples made with other settings ({', '.join(diff)} "
-                             "differ): use another --out or remove it")
-    elif group.rank == 0:
+    diff = differing_settings(path, manifest)
+    if diff:
+        raise ValueError(f"{out} holds samples made with other settings ({', '.join(diff)} "
+                         "differ): use another --out or remove it")
+    if diff is None and group.rank == 0:
         (out / "shards").mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".manifest.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, path)  # whole or absent, never half-written
+        write_json_atomic(path, manifest)
     group.barrier()
 
 
