@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from enum import Enum
-from typing import Any, Sequence, TypeVar
+from typing import Any, Literal, Sequence, TypeVar, get_args, get_type_hints
 
 E = TypeVar("E", bound=Enum)
 
@@ -48,6 +48,14 @@ def one_of(owner: str, field: str, value: Any, choices: Sequence[Any]) -> Any:
     if value not in choices:
         raise fail(owner, field, "one of " + ", ".join(repr(c) for c in choices), value)
     return value
+
+
+def literals(cfg: Any) -> None:
+    """Every ``Literal``-typed field of the dataclass ``cfg`` holds one of its values (a JSON
+    config or a constructor call is not checked by argparse)."""
+    for name, tp in get_type_hints(type(cfg)).items():
+        if getattr(tp, "__origin__", None) is Literal:
+            one_of(type(cfg).__name__, name, getattr(cfg, name), get_args(tp))
 
 
 def parse_choice(enum_cls: type[E], value: object, what: str) -> E:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Literal, Sequence, Union, get_args
+from typing import Any, Literal, Sequence, Union
 
 import torch
 from torch import Tensor
 
 import kernels
-from engine.config.checks import fail, number, one_of, parse_choice
+from engine.config.checks import fail, literals, number, one_of, parse_choice
 from kernels.dispersive import Backend, Scope
 from kernels.reference import Variant
 from models import resolve_blocks
@@ -61,9 +61,7 @@ class DispersiveConfig:
         number(owner, "lambda_", self.lambda_, low=0)
         number(owner, "tau", self.tau, low=0, low_open=True)
         number(owner, "margin", self.margin, low=0, low_open=True)
-        one_of(owner, "variant", self.variant, get_args(Variant))
-        one_of(owner, "scope", self.scope, get_args(Scope))
-        one_of(owner, "backend", self.backend, get_args(Backend))
+        literals(self)  # variant, scope, backend: the kernels' own Literal types
         blocks = self.blocks
         if isinstance(blocks, str):
             one_of(owner, "blocks", blocks, ("last", "all", "paper"))

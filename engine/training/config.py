@@ -7,21 +7,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import ClassVar, Literal, get_args, get_type_hints
+from typing import ClassVar, Literal
 
 import models
-from engine.config.checks import fail, integer, number, one_of
+from engine.config.checks import fail, integer, literals, number
 from engine.config.flags import section
 from engine.objectives.meanflow import MeanFlowConfig
 from engine.objectives.dispersive import DispersiveConfig
 from engine.diffusion.transport import TransportConfig
-
-
-def _check_literals(cfg) -> None:
-    """Every ``Literal`` field holds one of its values (a JSON config is not parsed by argparse)."""
-    for name, tp in get_type_hints(type(cfg)).items():
-        if getattr(tp, "__origin__", None) is Literal:
-            one_of(type(cfg).__name__, name, getattr(cfg, name), get_args(tp))
 
 
 @dataclass
@@ -48,7 +41,7 @@ class ModelSection:
     """Override the named model's patch size."""
 
     def __post_init__(self) -> None:
-        _check_literals(self)
+        literals(self)
         models.resolve_name(self.name)  # an unknown name: the error lists the valid ones
         number("ModelSection", "class_dropout_prob", self.class_dropout_prob, low=0, high=1)
         for name in ("depth", "hidden_size", "num_heads", "patch_size"):
@@ -79,7 +72,7 @@ class DataSection:
     """Classes of the ``synthetic`` dataset."""
 
     def __post_init__(self) -> None:
-        _check_literals(self)
+        literals(self)
         integer("DataSection", "num_workers", self.num_workers, low=0)
         integer("DataSection", "synthetic_samples", self.synthetic_samples, low=1)
         integer("DataSection", "synthetic_classes", self.synthetic_classes, low=1)
@@ -186,7 +179,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         owner = "TrainConfig"
-        _check_literals(self)
+        literals(self)
         for name in ("global_batch", "max_steps", "ckpt_every", "log_every", "sample_count", "sample_steps",
                      "max_nonfinite"):
             integer(owner, name, getattr(self, name), low=1)
