@@ -25,6 +25,15 @@ flattened to ``(N, D)``):
   the loss is the sum of squared off-diagonal entries ``sum_{m != n} C_mn^2``.
   ``||C||_F^2 = ||Zc Zc^T||_F^2 / N^2`` lets us avoid the D x D matrix;
   ``tests/test_reference.py`` checks that identity against the explicit C.
+
+``scale_invariant=True`` (``infonce_l2`` and ``hinge`` only): every ``d_ij`` is divided by
+the batch's mean off-diagonal squared distance ``m = sum_{i != j} d_ij / (N (N - 1))``
+(differentiated through), so the loss of ``c z`` is that of ``z`` for every ``c > 0`` and
+the ``/ D`` cancels. Degenerate batches (``m == 0``: N = 1, or all rows equal) keep the
+unscaled distances (``m`` taken as 1): the loss is then 0 (infonce_l2) or ``margin^2``
+(hinge), with a finite gradient. The other two variants refuse it (``check_scale_invariant``):
+cosine similarities are already scale-invariant, and the covariance variant normalises
+its rows.
 """
 from __future__ import annotations
 
@@ -38,10 +47,31 @@ Variant = Literal["infonce_l2", "infonce_cosine", "hinge", "covariance"]
 VARIANTS: tuple[str, ...] = ("infonce_l2", "infonce_cosine", "hinge", "covariance")
 DEFAULT_MARGIN = 1.0
 COSINE_EPS = 1e-12
+SCALE_INVARIANT_VARIANTS: tuple[str, ...] = ("infonce_l2", "hinge")
+_NOT_SCALE_INVARIANT = {
+    "infonce_cosine": "infonce_cosine is scale-invariant already (cosine similarities ignore the rows' norms)",
+    "covariance": "covariance is scale-invariant already (it normalises the rows to unit norm first)",
+}
 
 
+def scale_invariant_refusal(variant: str) -> str | None:
+    """Why ``scale_invariant=True`` does not apply to ``variant`` (None where it does): the
+    rule a message names (``check_scale_invariant``, ``DispersiveConfig``)."""
+    if variant in _NOT_SCALE_INVARIANT:
+        return (f"False for variant {variant!r}: scale_invariant applies to "
+                f"{' and '.join(SCALE_INVARIANT_VARIANTS)} only; {_NOT_SCALE_INVARIANT[variant]}")
+    return None
 
-def dispersive_floor(variant: Variant, n: int, tau: float = 1.0, margin: float = DEFAULT_MARGIN) -> float:
+
+def check_scale_invariant(variant: str, scale_invariant: bool) -> None:
+    """ValueError when ``scale_invariant`` is asked of a variant it does not apply to."""
+    why = scale_invariant_refusal(variant) if scale_invariant else None
+    if why is not None:
+        raise ValueError(f"scale_invariant must be {why}")
+
+
+def dispersive_floor(variant: Variant, n: int, tau: float = 1.0, margin: float = DEFAULT_MARGIN,
+                     scale_invariant: bool = False) -> float:
     """The smallest value the loss of a batch of ``n`` rows can take (its value once the rows
     are as far apart as the variant can tell; gradient ~0 from there).
 
@@ -49,7 +79,18 @@ def dispersive_floor(variant: Variant, n: int, tau: float = 1.0, margin: float =
     infonce_cosine: the rows a regular simplex (every cos = -1/(N-1), reachable when
     D >= N - 1): log((N e^(1/tau) + N(N-1) e^(-1/((N-1) tau))) / N^2). hinge: only the
     diagonal's constant margin^2 / N. covariance: 0.
+
+    ``scale_invariant``: the off-diagonal distances have mean 1, and both terms are convex
+    functions of the distance, so by Jensen the floor is every off-diagonal distance equal
+    to 1 (the rows a regular simplex, reachable when D >= N - 1). infonce_l2:
+    log((1 + (N-1) e^(-1/tau)) / N). hinge: (margin^2 + (N-1) max(0, margin - 1)^2) / N,
+    i.e. margin^2 / N for margin <= 1. N = 1: the diagonal alone (0 and margin^2).
     """
+    check_scale_invariant(variant, scale_invariant)
+    if scale_invariant and variant == "infonce_l2":
+        return math.log((1.0 + (n - 1) * math.exp(-1.0 / tau)) / n)
+    if scale_invariant and variant == "hinge":
+        return (margin**2 + (n - 1) * max(0.0, margin - 1.0) ** 2) / n
     if variant == "infonce_l2":
         return -math.log(n)
     if variant == "infonce_cosine":
@@ -67,6 +108,7 @@ def off_diagonal_share(variant: Variant, loss: torch.Tensor, n: int, tau: float 
     """For the InfoNCE variants, the softmax weight the loss puts on pairs i != j (the share that
     carries gradient; 0 at the floor of infonce_l2), from the loss value alone: the diagonal's
     logits are known (0 for L2, 1/tau for cosine; zero rows aside) and the loss is the log-mean-exp.
+    Holds for the scale-invariant infonce_l2 too (its diagonal distances stay 0).
     None for hinge and covariance."""
     if variant == "infonce_l2":
         diagonal_logit = 0.0
@@ -87,10 +129,17 @@ def _flatten(z: torch.Tensor, upcast: bool) -> torch.Tensor:
     return z if z.dtype in (torch.float32, torch.float64) else z.float()
 
 
-def _sq_dists(z: torch.Tensor, normalize_by_dim: bool) -> torch.Tensor:
-    """(N, N) squared Euclidean distances, from explicit differences."""
+def _sq_dists(z: torch.Tensor, normalize_by_dim: bool, scale_invariant: bool = False) -> torch.Tensor:
+    """(N, N) squared Euclidean distances, from explicit differences; with ``scale_invariant``
+    divided by their explicit off-diagonal mean (1 where that mean is 0)."""
     d = torch.cdist(z, z, compute_mode="donot_use_mm_for_euclid_dist").square()
-    return d / z.shape[1] if normalize_by_dim else d
+    d = d / z.shape[1] if normalize_by_dim else d
+    if scale_invariant:
+        n = d.shape[0]
+        off = d[~torch.eye(n, dtype=torch.bool, device=d.device)]           # the N (N - 1) pairs i != j
+        mean = off.sum() / max(off.numel(), 1)
+        d = d / torch.where(mean > 0, mean, torch.ones_like(mean))
+    return d
 
 
 def _log_mean_exp(logits: torch.Tensor) -> torch.Tensor:
@@ -98,9 +147,9 @@ def _log_mean_exp(logits: torch.Tensor) -> torch.Tensor:
 
 
 def infonce_l2(z: torch.Tensor, tau: float = 1.0, *, normalize_by_dim: bool = True,
-               upcast: bool = False) -> torch.Tensor:
+               upcast: bool = False, scale_invariant: bool = False) -> torch.Tensor:
     z = _flatten(z, upcast)
-    return _log_mean_exp(-_sq_dists(z, normalize_by_dim) / tau)
+    return _log_mean_exp(-_sq_dists(z, normalize_by_dim, scale_invariant) / tau)
 
 
 def infonce_cosine(z: torch.Tensor, tau: float = 1.0, *, upcast: bool = False) -> torch.Tensor:
@@ -109,9 +158,9 @@ def infonce_cosine(z: torch.Tensor, tau: float = 1.0, *, upcast: bool = False) -
 
 
 def hinge(z: torch.Tensor, margin: float = DEFAULT_MARGIN, *, normalize_by_dim: bool = True,
-          upcast: bool = False) -> torch.Tensor:
+          upcast: bool = False, scale_invariant: bool = False) -> torch.Tensor:
     z = _flatten(z, upcast)
-    return F.relu(margin - _sq_dists(z, normalize_by_dim)).square().mean()
+    return F.relu(margin - _sq_dists(z, normalize_by_dim, scale_invariant)).square().mean()
 
 
 def covariance(z: torch.Tensor, *, upcast: bool = False) -> torch.Tensor:
@@ -125,14 +174,17 @@ def covariance(z: torch.Tensor, *, upcast: bool = False) -> torch.Tensor:
 
 def reference_dispersive_loss(z: torch.Tensor, variant: Variant = "infonce_l2", *, tau: float = 1.0,
                               margin: float = DEFAULT_MARGIN, normalize_by_dim: bool = True,
-                              upcast: bool = False) -> torch.Tensor:
-    """The reference value of ``variant`` on ``z`` (N, ...); float64 when ``upcast``."""
+                              upcast: bool = False, scale_invariant: bool = False) -> torch.Tensor:
+    """The reference value of ``variant`` on ``z`` (N, ...); float64 when ``upcast``.
+    ``scale_invariant`` (infonce_l2, hinge): distances over their off-diagonal mean (above)."""
+    if variant in VARIANTS:
+        check_scale_invariant(variant, scale_invariant)
     if variant == "infonce_l2":
-        return infonce_l2(z, tau, normalize_by_dim=normalize_by_dim, upcast=upcast)
+        return infonce_l2(z, tau, normalize_by_dim=normalize_by_dim, upcast=upcast, scale_invariant=scale_invariant)
     if variant == "infonce_cosine":
         return infonce_cosine(z, tau, upcast=upcast)
     if variant == "hinge":
-        return hinge(z, margin, normalize_by_dim=normalize_by_dim, upcast=upcast)
+        return hinge(z, margin, normalize_by_dim=normalize_by_dim, upcast=upcast, scale_invariant=scale_invariant)
     if variant == "covariance":
         return covariance(z, upcast=upcast)
     raise ValueError(f"unknown dispersive-loss variant {variant!r}; expected one of {VARIANTS}")

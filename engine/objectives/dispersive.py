@@ -15,7 +15,7 @@ from torch import Tensor
 import kernels
 from engine.config.checks import fail, literals, number, one_of, parse_choice
 from kernels.dispersive import Backend, Scope
-from kernels.reference import Variant
+from kernels.reference import Variant, scale_invariant_refusal
 from models import resolve_blocks
 
 BlockSpec = Union[int, Sequence[int], Literal["last", "all", "paper"]]
@@ -55,6 +55,10 @@ class DispersiveConfig:
     """Divide squared distances by D = tokens * hidden, as the release does."""
     backend: Backend = "auto"
     """``kernels.dispersive_loss`` backend: auto, triton, torch, reference."""
+    scale_invariant: bool = False
+    """infonce_l2 and hinge only: divide the squared distances by the batch's mean off-diagonal
+    squared distance, so the term no longer falls by scaling the block output up (normalize_by_dim
+    then has no effect; the margin is in units of that mean)."""
 
     def __post_init__(self) -> None:
         owner = "DispersiveConfig"
@@ -62,6 +66,11 @@ class DispersiveConfig:
         number(owner, "tau", self.tau, low=0, low_open=True)
         number(owner, "margin", self.margin, low=0, low_open=True)
         literals(self)  # variant, scope, backend: the kernels' own Literal types
+        if not isinstance(self.scale_invariant, bool):
+            raise fail(owner, "scale_invariant", "a bool", self.scale_invariant)
+        refusal = scale_invariant_refusal(self.variant) if self.scale_invariant else None
+        if refusal is not None:
+            raise fail(owner, "scale_invariant", refusal, self.scale_invariant)
         blocks = self.blocks
         if isinstance(blocks, str):
             one_of(owner, "blocks", blocks, ("last", "all", "paper"))
@@ -115,17 +124,20 @@ def dispersive_terms(hidden: Sequence[Tensor], blocks: Sequence[tuple[int, float
     """(lambda * sum_k w_k L_k with grad, {"dispersive/block_k": L_k detached}).
 
     With ``diagnostics`` (the trainer asks on log steps only) also, per block, detached:
-    ``/gap`` the term minus its floor (``kernels.dispersive_floor``; 0 = at the floor, where
-    its gradient vanishes), ``/off_diagonal`` for the InfoNCE variants the softmax weight on
-    pairs i != j (the share that carries gradient), ``/rms`` the block output's RMS (the
-    floor can be reached by scaling the residual stream up, which the final LayerNorm hides).
+    ``/gap`` the term minus its floor (``kernels.dispersive_floor``, the scale-invariant one
+    with ``config.scale_invariant``; 0 = at the floor, where its gradient vanishes),
+    ``/off_diagonal`` for the InfoNCE variants the softmax weight on pairs i != j (the share
+    that carries gradient), ``/rms`` the block output's RMS (the floor can be reached by
+    scaling the residual stream up, which the final LayerNorm hides; not with
+    ``scale_invariant``).
     """
     # One call for all blocks: on the Triton backend one launch per kernel instead of one
     # call per block (the per-call host cost dominates at the paper's sizes).
     values = kernels.dispersive_loss_groups(
         list(hidden), variant=config.variant, tau=config.tau, margin=config.margin,
         normalize_by_dim=config.normalize_by_dim, backend=config.backend,
-        **({"scope": config.scope} if config.scope != "local" else {}))          # (K,) fp32
+        **({"scope": config.scope} if config.scope != "local" else {}),
+        **({"scale_invariant": True} if config.scale_invariant else {}))         # (K,) fp32
     weights = [w for _, w in blocks]
     if all(w == weights[0] for w in weights):  # the default 1/K: no weight tensor needed
         total = values.sum() * weights[0]
@@ -143,7 +155,8 @@ def _diagnostics(hidden: Sequence[Tensor], blocks: Sequence[tuple[int, float]], 
     rows = hidden[0].shape[0]
     if config.scope == "global" and torch.distributed.is_initialized():
         rows *= torch.distributed.get_world_size()  # the term sees the gathered batch
-    floor = kernels.dispersive_floor(config.variant, rows, config.tau, config.margin)
+    floor = kernels.dispersive_floor(config.variant, rows, config.tau, config.margin,
+                                     scale_invariant=config.scale_invariant)
     out: dict[str, Tensor] = {}
     for (index, _), value, h in zip(blocks, values, hidden):
         key = f"dispersive/block_{index}"

@@ -64,7 +64,10 @@ class Floor:
         if not disp.enabled:
             return None
         n = micro * (world if disp.scope == "global" else 1)
-        return cls(kernels.dispersive_floor(disp.variant, n, disp.tau, disp.margin), n, disp.variant)
+        value = kernels.dispersive_floor(disp.variant, n, disp.tau, disp.margin,
+                                         scale_invariant=disp.scale_invariant)
+        variant = f"{disp.variant} (scale-invariant)" if disp.scale_invariant else disp.variant
+        return cls(value, n, variant)
 
     def label(self) -> str:
         name = "-log N" if self.variant == "infonce_l2" else self.variant

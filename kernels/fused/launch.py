@@ -239,7 +239,9 @@ def backward(grad_out: torch.Tensor, z: torch.Tensor, mix_hat: torch.Tensor, sta
     k = _groups(z).shape[0]
     mix_hat, state = mix_hat.contiguous(), state.contiguous()                 # ([K,] N, N), ([K,] 1 or 3, N)
     t = tiles_for(n, z.dtype)
-    g = grad_out.detach().to(device=z.device, dtype=torch.float32).reshape(k)  # stays on the device
+    # stays on the device; contiguous: the kernel reads g[k] at offset k, and the gradient of
+    # values.sum() arrives expanded (stride 0), which read past g for every block but the first
+    g = grad_out.detach().to(device=z.device, dtype=torch.float32).reshape(k).contiguous()
     shape = tuple(z.shape)
     dz = _empty(shape, z.dtype, z.device) if out is None else _check_out(out, shape, z.dtype, True)  # ([K,] N, D)
     grid = (-(-n // t.block_n) * -(-d // t.block_d), k)                      # row tiles fastest

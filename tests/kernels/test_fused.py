@@ -368,6 +368,20 @@ def test_groups_match_each_batch_against_float64(variant, dtype, n, d, rng):
         _assert_grad_close(z.grad, ref_grad, dtype, g, z.detach(), tau=0.7)
 
 
+def test_groups_backward_through_a_sum(rng):
+    """``values.sum().backward()`` (the objective's equal-weight total) hands the stacked
+    backward an expanded (stride 0) upstream gradient; every block must still get its own
+    gradient (the launcher read g[k] past the one stored element before it made g contiguous).
+    Blocks of different scales, so a block given another's numbers shows."""
+    zs = [_random((9, 20), torch.float32, rng, s).requires_grad_() for s in (1.0, 0.3, 0.02)]
+    out = kernels.dispersive_loss_groups(zs, backend="triton", tau=0.7)
+    out.sum().backward()
+    for z, value in zip(zs, out):
+        ref, ref_grad = _reference(z, "infonce_l2", 1.0, tau=0.7)
+        assert value.item() == pytest.approx(ref, rel=1e-5, abs=2e-6)
+        _assert_grad_close(z.grad, ref_grad, torch.float32, 1.0, z.detach(), tau=0.7)
+
+
 def test_groups_take_one_launch_per_kernel(rng, monkeypatch):
     """The stack goes through the fused forward once, not once per batch."""
     calls = []

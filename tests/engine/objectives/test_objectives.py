@@ -64,10 +64,30 @@ def test_presets():
     (dict(blocks=[]), "non-empty list"),
     (dict(blocks=[1, 2], block_weights=(1.0,)), r"one weight per block \(2 for \(1, 2\)\)"),
     (dict(block_weights=(-1.0,)), ">= 0"),
+    (dict(variant="infonce_cosine", scale_invariant=True),
+     r"DispersiveConfig.scale_invariant must be False for variant 'infonce_cosine': .*infonce_l2 and hinge only; "
+     r"infonce_cosine is scale-invariant already .*got True"),
+    (dict(variant="covariance", scale_invariant=True),
+     r"DispersiveConfig.scale_invariant must be False for variant 'covariance': .*got True"),
+    (dict(scale_invariant=1), r"DispersiveConfig.scale_invariant must be a bool, got 1"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DispersiveConfig(**{"lambda_": 0.5, **kwargs})
+
+
+def test_scale_invariant_flag_parses_through_the_trainer_flags():
+    """The bool field gives --disp-scale-invariant / --no-disp-scale-invariant (generated from the
+    config fields); a refused combination fails at parse time with the config's message."""
+    from engine.train import parse
+
+    assert parse(["--disp-scale-invariant"]).dispersive.scale_invariant is True
+    assert parse(["--disp-preset", "paper", "--disp-scale-invariant", "--disp-variant", "hinge"]).dispersive == \
+        DispersiveConfig.preset("paper", scale_invariant=True, variant="hinge")
+    assert parse(["--disp-scale-invariant", "--no-disp-scale-invariant"]).dispersive.scale_invariant is False
+    assert parse([]).dispersive.scale_invariant is False
+    with pytest.raises(SystemExit):
+        parse(["--disp-variant", "infonce_cosine", "--disp-scale-invariant"])
 
 
 def test_block_resolution_and_default_weights():
@@ -257,6 +277,22 @@ def test_scope_is_passed_only_when_global(monkeypatch):
     assert "scope" not in calls[-1] and calls[-1]["tau"] == 1.0
     SiTObjective(dispersive=DispersiveConfig.preset("release", scope="global"))(model, x, y)
     assert calls[-1]["scope"] == "global"
+    assert "scale_invariant" not in calls[-1]
+    SiTObjective(dispersive=DispersiveConfig.preset("release", scale_invariant=True))(model, x, y)
+    assert calls[-1]["scale_invariant"] is True
+
+
+def test_scale_invariant_term_ignores_the_scale_of_the_block_output():
+    """The objective's term with scale_invariant: the same values for hidden states scaled by c."""
+    from engine.objectives.dispersive import dispersive_terms
+
+    cfg = DispersiveConfig(lambda_=0.5, blocks=(0, 1), variant="hinge", scale_invariant=True)
+    hidden = [torch.randn(6, 4, 8, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    total, logs = dispersive_terms(hidden, cfg.resolve(2), cfg)
+    scaled, logs_scaled = dispersive_terms([h * 50.0 for h in hidden], cfg.resolve(2), cfg)
+    torch.testing.assert_close(scaled, total, rtol=1e-6, atol=0.0)
+    for key in logs:
+        torch.testing.assert_close(logs_scaled[key], logs[key], rtol=1e-6, atol=0.0)
 
 
 def test_sit_objective_refuses_a_dit_model():
