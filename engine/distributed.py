@@ -39,11 +39,43 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int, torch.dev
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+        groups_inherit_timeout(timeout)
         if device.type == "cpu":
             atexit.register(release_shared_memory)
             return_freed_memory(first_call=True)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def groups_inherit_timeout(timeout: datetime.timedelta) -> None:
+    """Makes every process group created from now on (``new_group`` without a timeout) use
+    ``timeout`` instead of torch's 30-minute default.
+
+    DeepSpeed builds its data-parallel and ZeRO groups with ``new_group(ranks)``, which
+    takes no timeout argument through DeepSpeed, so ZeRO's gradient all-reduce waited 30
+    minutes for a stopped rank whatever the run's ``--timeout-minutes``. torch reads the
+    default from these two module globals each time a group is made (``_get_default_timeout``).
+    """
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
+
+
+def group_timeouts() -> list[datetime.timedelta]:
+    """The collective timeout of every live process group (the default one first); empty when
+    this torch does not expose them (private attributes: read for the start-up line only)."""
+    import torch.distributed.distributed_c10d as c10d
+
+    out = []
+    try:
+        for group in c10d._world.pg_map:
+            for device in group._device_types:
+                out.append(group._get_backend(device).options._timeout)
+    except (AttributeError, RuntimeError):
+        return []
+    return out
 
 
 class EnvGroup:
@@ -57,8 +89,9 @@ class EnvGroup:
         self.started = False
         if self.world > 1 and not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend, init_method="env://",
-                                    timeout=datetime.timedelta(minutes=timeout_minutes))
+            timeout = datetime.timedelta(minutes=timeout_minutes)
+            dist.init_process_group(backend, init_method="env://", timeout=timeout)
+            groups_inherit_timeout(timeout)
             self.started = True
 
     def device(self) -> torch.device:

@@ -20,18 +20,26 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models
-from engine.data.datasets import check_dataset
+from engine.data.datasets import BUILT_IN, check_dataset
+from engine.data.format import LatentDatasetError, open_latent_dataset
 from engine.config.flags import add_config_arguments, apply_overrides, config_from_dict, config_to_dict, overrides_from_args
 from engine.training.config import TrainConfig
 from engine.training.metrics import WANDB_MISSING, wandb_available
-from engine.training.checkpoint import UnsafeCheckpointError
-from engine.training.trainer import Trainer
+from engine.training.checkpoint import CheckpointDir, CheckpointError, check_checkpoint_folder, saved_config
+from engine.training.resume import check_resume
+from engine.training.trainer import NonFiniteError, Trainer
 from engine.objectives.dispersive import DispersiveConfig
 from engine.objectives.meanflow_presets import MEANFLOW_PRESETS, meanflow_preset
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line (per rank, under a launcher), not the 3 kB usage text above it."""
+        self.exit(2, f"{self.prog}: error: {message}\n({self.prog} --help lists the options)\n")
+
+
 def parse(argv: list[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="JSON config to start from (e.g. a run's config.json)")
     parser.add_argument("--disp-preset", choices=["paper", "release", "none"],
                         help="Dispersive Loss preset: release (the default: lambda 0.25, tau 1, last "
@@ -57,7 +65,7 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
             cfg = dataclasses.replace(cfg, dispersive=DispersiveConfig.preset(args.disp_preset))
         cfg = apply_overrides(cfg, overrides)
         check_before_launch(cfg)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, CheckpointError) as e:
         parser.error(str(e))
     if args.print_config:
         print(json.dumps(config_to_dict(cfg), indent=2))
@@ -81,8 +89,11 @@ def _apply_meanflow_preset(cfg: TrainConfig, name: str) -> TrainConfig:
 
 def check_before_launch(cfg: TrainConfig) -> None:
     """Everything that can fail is checked here, before any process group or model exists."""
-    cfg.batch_layout(int(os.environ.get("WORLD_SIZE", "1")))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg.batch_layout(world)
     check_dataset(cfg.data.data)
+    if cfg.data.data not in BUILT_IN:
+        open_latent_dataset(cfg.data.data)  # manifest, every shard's size and every label, named by file
     depth = models.get_config(cfg.model.name, **cfg.model.overrides()).depth
     if cfg.dispersive.enabled:
         cfg.dispersive.resolve(depth)  # e.g. --disp-blocks 7 on a 2-block model: named here, not on every rank
@@ -97,6 +108,12 @@ def check_before_launch(cfg: TrainConfig) -> None:
         raise ValueError(WANDB_MISSING)
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_dir():
         raise FileNotFoundError(f"--resume {cfg.resume}: no such checkpoint directory (or use --resume auto)")
+    resume = CheckpointDir(Path(cfg.results_dir) / "checkpoints").resolve_resume(cfg.resume)
+    if resume is not None:
+        check_checkpoint_folder(resume, ranks=world)  # whole, undamaged, and no file that could run code
+        saved = saved_config(resume)
+        if saved is not None:
+            check_resume(saved, config_to_dict(cfg), resume)  # the settings fixed for a run are unchanged
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -111,6 +128,6 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except UnsafeCheckpointError as e:  # a refused resume: one line per rank, no traceback
+    except (CheckpointError, NonFiniteError, LatentDatasetError) as e:  # named, with what to do: no traceback
         print(f"train.py: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(2 if isinstance(e, (CheckpointError, LatentDatasetError)) else 1)

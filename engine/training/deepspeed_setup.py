@@ -51,6 +51,11 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
+def warmup_factor(warmup: int):
+    """The learning-rate multiplier of step s: a linear warm-up over ``warmup`` steps, then 1."""
+    return lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+
+
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, micro: int, accum: int, device: torch.device,
                  write_config_to: Path | None = None):
     """The DeepSpeed engine around ``model``: torch's AdamW (or apex's FusedAdam) with a linear
@@ -72,9 +77,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, micro: int, accum: in
         fused = o.fused and device.type == "cuda" and not cfg.offload
         optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps,
                                       weight_decay=o.weight_decay, fused=fused or None)
-    warmup = o.warmup_steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(o.warmup_steps))
     ds_config = deepspeed_config(cfg, micro, accum)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                       config=ds_config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -22,17 +23,18 @@ from tqdm import tqdm
 import models
 from engine.config.flags import config_to_dict
 from engine.data.format import read_manifest
-from engine.distributed import any_true, barrier, init_distributed, return_freed_memory
+from engine.distributed import any_true, barrier, group_timeouts, init_distributed, return_freed_memory
 from engine.sampling.generate import sample_images
 from engine.sampling.images import make_grid, save_png
 from engine.sampling.guidance import Guidance
 from engine.sampling.samplers import SamplerConfig
 from engine.training.builders import (build_model, loader_for, model_config_for, objective_for, prepare_dataset,
                                       seed_everything)
-from engine.training.checkpoint import CheckpointManager, rng_state, set_rng_state
+from engine.training.checkpoint import CheckpointManager, rng_state, saved_config, set_rng_state
 from engine.training.config import DataSection, TrainConfig
 from engine.training.deepspeed_setup import build_engine
 from engine.training.ema import FullEMA, ema_builder, full_state_dict
+from engine.training.resume import apply_optimizer_settings, check_resume
 from engine.training.saturation import SaturationWatch
 from engine.training.metrics import MetricSinks, PhaseTimer, peak_tflops
 from engine.training.plots import Floor, plot_run_curves
@@ -40,6 +42,9 @@ from engine.training.plots import Floor, plot_run_curves
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+STOP_FILE = "STOP"  # touch RESULTS_DIR/STOP: the run saves and exits 0 at the next step
 
 
 def describe_data(data: DataSection, path: Path, shape: str) -> str:
@@ -110,6 +115,8 @@ class Trainer:
         self.nonfinite_run = 0
         self.skipped = 0
         self._stop_signal = False
+        # Fault injection (tests): from this step on every loss is non-finite.
+        self._nan_from = int(os.environ.get("DISPERSIVE_FAULT_NAN_FROM_STEP", "0")) or None
         self.timer = PhaseTimer(self.device)
         self.saturation = SaturationWatch()
         self.metrics = MetricSinks.open(self.out, enabled=self.is_main, tensorboard=cfg.tensorboard,
@@ -120,11 +127,18 @@ class Trainer:
     # ----------------------------------------------------------- checkpoints
     def save(self) -> None:
         self.checkpoints.save(self.step, {"step": self.step, "images_seen": self.images_seen,
-                                          "skipped": self.skipped})
+                                          "skipped": self.skipped},
+                              config=config_to_dict(self.cfg), healthy=self.nonfinite_run == 0)
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path) -> list[str]:
+        """Restores the run from ``path`` and applies the settings a resume may change (refusing
+        the ones it may not: ``engine.training.resume``); returns the changes for the log."""
+        saved = saved_config(path)
+        changes = check_resume(saved, config_to_dict(self.cfg), path) if saved is not None else []
         counters = self.checkpoints.load(path)
         self.step, self.images_seen, self.skipped = counters["step"], counters["images_seen"], counters["skipped"]
+        apply_optimizer_settings(self.engine, self.cfg.optim)
+        return changes
 
     def _release_fields(self) -> dict[str, Any]:
         """The release-format file's fields besides the weights: the releases' ``args`` their
@@ -157,10 +171,12 @@ class Trainer:
             with self.timer.phase("data"):
                 batch = next(it)
             loss, out = self._micro_step(batch, diagnostics)
+            if self._nan_from is not None and self.step + 1 >= self._nan_from:
+                loss = loss * math.nan
             # One tiny all-reduce per micro-batch (a host sync): every rank must agree on
             # skipping, and on stopping after SIGTERM, or the collectives would desynchronise.
-            flags = any_true(torch.stack([~torch.isfinite(loss.detach()).cpu(),
-                                          torch.tensor(self._stop_signal)]))
+            stop = self._stop_signal or (self.is_main and (self.out / STOP_FILE).exists())
+            flags = any_true(torch.stack([~torch.isfinite(loss.detach()).cpu(), torch.tensor(stop)]))
             bad, self._stop_signal = bool(flags[0]), bool(flags[1])
             bad_any |= bad
             if bad and self.accum == 1:
@@ -200,13 +216,20 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         resume = self.checkpoints.dir.resolve_resume(cfg.resume)
-        if resume is not None:
-            self.load(resume)
+        changes = self.load(resume) if resume is not None else []
         self._print_startup(resume)
         if resume is not None:
             note = self.checkpoints.abandon_newer()
-            if note and self.is_main:
-                print(f"[train] {note}", flush=True)
+            if self.is_main:
+                if changes:
+                    print(f"[train] resume applies the new settings: {', '.join(changes)}", flush=True)
+                if note:
+                    print(f"[train] {note}", flush=True)
+        stop_file = self.out / STOP_FILE
+        if self.is_main and stop_file.exists():
+            stop_file.unlink()
+            print(f"[train] removed a leftover {stop_file} (it would have stopped this run at once)", flush=True)
+        barrier()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
 
@@ -214,43 +237,57 @@ class Trainer:
         # would flood it: redraw every 30 s there instead.
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.is_main, desc="train",
                    dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)
+        try:
+            last, stopped_by_signal = self._loop(bar)
+        finally:  # an error's one line then starts a line of its own
+            bar.close()
+        self.save()
+        if stopped_by_signal and self.is_main and (self.out / STOP_FILE).exists():
+            (self.out / STOP_FILE).unlink()  # honoured: a resume must not stop at once
+            print(f"[train] stopped at step {self.step} by {self.out / STOP_FILE} (removed); "
+                  "--resume auto continues from here", flush=True)
+        grid = self.sample_grid()
+        summary = self._summary(last, grid, stopped_by_signal)
+        self._finish_metrics()
+        return summary
+
+    def _loop(self, bar) -> tuple[dict[str, float], bool]:
+        """Steps until max_steps or a stop request; returns (the last logs, stopped early)."""
+        cfg = self.cfg
         it = iter(self.loader)
         last: dict[str, float] = {}
         window_start, window_images = time.perf_counter(), 0
         profiler = None
         stopped_by_signal = False
-        while self.step < cfg.max_steps:
-            if cfg.profile_steps and self.step == cfg.profile_steps[0]:
-                profiler = self._start_profiler()
-            log_now = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
-            self.timer.sync = log_now
-            logs = self.train_step(it, diagnostics=log_now)
-            window_images += cfg.global_batch
-            if profiler is not None and self.step >= cfg.profile_steps[1]:
+        try:
+            while self.step < cfg.max_steps:
+                if cfg.profile_steps and self.step == cfg.profile_steps[0]:
+                    profiler = self._start_profiler()
+                log_now = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.max_steps
+                self.timer.sync = log_now
+                logs = self.train_step(it, diagnostics=log_now)
+                window_images += cfg.global_batch
+                if profiler is not None and self.step >= cfg.profile_steps[1]:
+                    self._stop_profiler(profiler)
+                    profiler = None
+                bar.update(1)
+                if logs is not None:
+                    last = logs
+                if log_now:
+                    elapsed = time.perf_counter() - window_start
+                    self._log(last, window_images / elapsed, self.timer.pop(), bar)
+                    window_start, window_images = time.perf_counter(), 0
+                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self.sample_grid()
+                if self._stop_signal:
+                    stopped_by_signal = True
+                    break
+                if self.step % cfg.ckpt_every == 0 and self.step < cfg.max_steps:
+                    self.save()
+        finally:
+            if profiler is not None:
                 self._stop_profiler(profiler)
-                profiler = None
-            bar.update(1)
-            if logs is not None:
-                last = logs
-            if log_now:
-                elapsed = time.perf_counter() - window_start
-                self._log(last, window_images / elapsed, self.timer.pop(), bar)
-                window_start, window_images = time.perf_counter(), 0
-            if cfg.sample_every and self.step % cfg.sample_every == 0:
-                self.sample_grid()
-            if self._stop_signal:
-                stopped_by_signal = True
-                break
-            if self.step % cfg.ckpt_every == 0 and self.step < cfg.max_steps:
-                self.save()
-        bar.close()
-        if profiler is not None:
-            self._stop_profiler(profiler)
-        self.save()
-        grid = self.sample_grid()
-        summary = self._summary(last, grid, stopped_by_signal)
-        self._finish_metrics()
-        return summary
+        return last, stopped_by_signal
 
     def _finish_metrics(self) -> None:
         """Close the sinks; rank 0 draws the run's curves into results_dir/curves.png."""
@@ -279,6 +316,12 @@ class Trainer:
               f"{self.world} x micro {self.micro} x accumulation {self.accum}; ZeRO-{self.cfg.zero_stage}, "
               f"{self.cfg.precision}; device peak {peak}; {self.flops_per_image / 1e9:.2f} GFLOP per image "
               f"(forward+backward)", flush=True)
+        timeouts = group_timeouts()
+        if timeouts:
+            minutes = sorted({t.total_seconds() / 60 for t in timeouts})
+            print(f"[train] collective timeout {', '.join(f'{m:g}' for m in minutes)} min on "
+                  f"{'all ' if len(minutes) == 1 else ''}{len(timeouts)} process group(s); stop the run with "
+                  f"SIGTERM to the ranks or: touch {self.out / STOP_FILE}", flush=True)
         d = self.cfg.dispersive
         disp = (f"{d.variant}, lambda {d.lambda_}, tau {d.tau}, blocks {d.blocks}, scope {d.scope}"
                 if d.enabled else "off")
