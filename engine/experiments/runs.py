@@ -22,13 +22,17 @@ class TrainedRun:
     seconds: float
     final: dict
     reused: bool
+    seed: int
+    """The training seed."""
 
 
-def train_run(root: Path, cfg: ToyConfig, disp: DispSetting | None) -> TrainedRun:
-    """Train (or reuse) one SiT run under root/runs/<tag>; returns its release checkpoint."""
+def train_run(root: Path, cfg: ToyConfig, disp: DispSetting | None, seed: int | None = None) -> TrainedRun:
+    """Train (or reuse) one SiT run under root/runs/<tag>_<suffix>[_seed<k>] (training seed
+    ``seed``, None: cfg.seed; folders of seed 0 carry no seed); returns its release checkpoint."""
     name = disp.tag() if disp is not None else "baseline"
-    path = root / "runs" / f"{name}_{cfg.run_suffix()}"
-    argv = [*cfg.train_flags(), *(disp.flags() if disp is not None else ["--disp-preset", "none"]),
+    seed = cfg.seed if seed is None else seed
+    path = root / "runs" / (f"{name}_{cfg.run_suffix()}" + (f"_seed{seed}" if seed else ""))
+    argv = [*cfg.train_flags(seed), *(disp.flags() if disp is not None else ["--disp-preset", "none"]),
             "--results-dir", str(path)]
     stamp = path / "toy_run.json"
     ckpt = path / "checkpoints" / f"{cfg.steps:07d}.pt"
@@ -36,7 +40,7 @@ def train_run(root: Path, cfg: ToyConfig, disp: DispSetting | None) -> TrainedRu
         saved = json.loads(stamp.read_text())
         if saved.get("argv") == argv:
             log(f"reusing {path.name} (trained in {saved['seconds']:.0f} s)")
-            return TrainedRun(name, path, ckpt, saved["seconds"], saved.get("final", {}), True)
+            return TrainedRun(name, path, ckpt, saved["seconds"], saved.get("final", {}), True, seed)
     if path.exists():
         shutil.rmtree(path)  # a stale or partial run with other settings
     path.mkdir(parents=True)
@@ -58,4 +62,4 @@ def train_run(root: Path, cfg: ToyConfig, disp: DispSetting | None) -> TrainedRu
     final = summary.get("final", {})
     stamp.write_text(json.dumps({"argv": argv, "seconds": seconds, "final": final}, indent=2))
     log(f"trained {path.name} in {seconds:.0f} s")
-    return TrainedRun(name, path, ckpt, seconds, final, False)
+    return TrainedRun(name, path, ckpt, seconds, final, False, seed)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -85,17 +86,35 @@ def evaluate_run(run: TrainedRun, disp: DispSetting | None, cfg: ToyConfig, real
     return metrics, samples
 
 
+def term_gap(final: dict) -> float | None:
+    """The Dispersive term's gap to its floor at a run's last log step (its ``final`` metrics): the
+    mean over the regularised blocks of the trainer's ``dispersive/block_k/gap`` (the term is the
+    mean of the blocks' values, so this is its own gap; 0 = at the floor, where its gradient
+    vanishes); None for a run without the term."""
+    gaps = [float(v) for k, v in final.items() if re.fullmatch(r"dispersive/block_\d+/gap", k)]
+    return sum(gaps) / len(gaps) if gaps else None
+
+
+def score_samples(samples: torch.Tensor, labels: torch.Tensor, net: DigitClassifier,
+                  ref_stats: FeatureStatistics) -> tuple[float, float]:
+    """(FD of the samples' classifier features to ``ref_stats``, the classifier's accuracy on them
+    w.r.t. the ``labels`` they were asked for); samples (N, 1, 16, 16) latents, clamped first to
+    the pixel range of the real digits."""
+    clamped = samples.clamp(-1.0, 1.0)
+    fd = frechet_distance_stats(FeatureStatistics.from_features(classifier_features(net, clamped)),
+                                ref_stats).distance
+    with torch.no_grad():
+        class_acc = float((net(clamped).argmax(1) == labels).float().mean())
+    return fd, class_acc
+
+
 def _score_run(run: TrainedRun, disp: DispSetting | None, cfg: ToyConfig, real: RealData, net: DigitClassifier,
                ref_stats: FeatureStatistics, noise: torch.Tensor,
                labels: torch.Tensor) -> tuple[RunMetrics, torch.Tensor]:
     log(f"sampling and probing {run.name}")
     samples = sample_run(run.checkpoint, cfg, noise, labels)  # (N, 1, 16, 16)
     save_npz(run.path / "samples_ema.npz", render_latents(samples), labels.numpy())
-    clamped = samples.clamp(-1.0, 1.0)  # the pixel range of the real digits
-    feats = classifier_features(net, clamped)
-    fd = frechet_distance_stats(FeatureStatistics.from_features(feats), ref_stats).distance
-    with torch.no_grad():
-        class_acc = float((net(clamped).argmax(1) == labels).float().mean())
+    fd, class_acc = score_samples(samples, labels, net, ref_stats)
 
     ckpt = models.load_checkpoint_file(run.checkpoint)
     transport = TransportConfig.of_checkpoint(ckpt)

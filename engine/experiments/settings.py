@@ -26,6 +26,9 @@ class DispSetting:
     blocks: str = "last"
     """"last", "all", "paper" or comma-separated 0-based indices such as "0,2"."""
     variant: str = "infonce_l2"
+    scale_invariant: bool = False
+    """Squared distances divided by the batch's mean off-diagonal one (``--disp-scale-invariant``;
+    infonce_l2 and hinge only)."""
 
     def __post_init__(self) -> None:
         blocks: Any = self.blocks
@@ -33,16 +36,26 @@ class DispSetting:
             blocks = ",".join(str(b) for b in blocks)
             object.__setattr__(self, "blocks", blocks)
         DispersiveConfig(lambda_=self.lambda_, tau=self.tau, blocks=self.block_choice(),
-                         variant=self.variant)  # validates
+                         variant=self.variant, scale_invariant=self.scale_invariant)  # validates
         if self.lambda_ <= 0:
             raise fail("DispSetting", "lambda_", "> 0 (the baseline is the run without Dispersive Loss)", self.lambda_)
 
     @classmethod
     def product(cls, lambdas: Sequence[float], taus: Sequence[float], blocks: Sequence[str],
-                variants: Sequence[str]) -> list["DispSetting"]:
+                variants: Sequence[str], scale_invariants: Sequence[bool] = (False,)) -> list["DispSetting"]:
         """Every combination of the knobs' values (a sweep's settings), in that nesting order."""
-        return [cls(lambda_=l, tau=t, blocks=b, variant=v) for l, t, b, v in
-                itertools.product(lambdas, taus, blocks, variants)]
+        return [cls(lambda_=l, tau=t, blocks=b, variant=v, scale_invariant=si) for l, t, b, v, si in
+                itertools.product(lambdas, taus, blocks, variants, scale_invariants)]
+
+    @classmethod
+    def study(cls) -> list["DispSetting"]:
+        """The settings of issue 17's multi-seed study (the baseline comes on top of them): the
+        release preset (lambda 0.25, tau 1, last block), the paper's (lambda 0.5, tau 0.5, its
+        block), scale-invariant InfoNCE-L2 at tau 0.25, 0.5 and 1 on the last block and on all
+        blocks (lambda 0.25), and cosine InfoNCE with the release's lambda, tau and block."""
+        return [cls(), cls(lambda_=0.5, tau=0.5, blocks="paper"),
+                *(cls(tau=t, blocks=b, scale_invariant=True) for b in ("last", "all") for t in (0.25, 0.5, 1.0)),
+                cls(variant="infonce_cosine")]
 
     def block_choice(self) -> Any:
         """``blocks`` as DispersiveConfig / resolve_blocks take it: a keyword or a tuple of ints."""
@@ -54,14 +67,17 @@ class DispSetting:
             raise fail("DispSetting", "blocks", "last, all, paper or comma-separated ints", self.blocks) from None
 
     def tag(self) -> str:
-        return f"disp_l{self.lambda_:g}_t{self.tau:g}_{self.blocks.replace(',', '-')}_{self.variant}"
+        return (f"disp_l{self.lambda_:g}_t{self.tau:g}_{self.blocks.replace(',', '-')}_{self.variant}"
+                + ("_si" if self.scale_invariant else ""))
 
     def flags(self) -> list[str]:
         return ["--disp-preset", "release", "--disp-lambda", f"{self.lambda_:g}", "--disp-tau", f"{self.tau:g}",
-                "--disp-blocks", self.blocks, "--disp-variant", self.variant]
+                "--disp-blocks", self.blocks, "--disp-variant", self.variant,
+                *(["--disp-scale-invariant"] if self.scale_invariant else [])]
 
     def describe(self) -> str:
-        return f"lambda {self.lambda_:g}, tau {self.tau:g}, blocks {self.blocks}, {self.variant}"
+        return (f"lambda {self.lambda_:g}, tau {self.tau:g}, blocks {self.blocks}, {self.variant}"
+                + (", scale-invariant" if self.scale_invariant else ""))
 
 
 @dataclass(frozen=True)
@@ -116,13 +132,15 @@ class ToyConfig:
         """Every setting as plain JSON values (the results files and the score cache's key)."""
         return json.loads(json.dumps(asdict(self), default=str))
 
-    def train_flags(self) -> list[str]:
+    def train_flags(self, seed: int | None = None) -> list[str]:
+        """engine/train.py's flags; ``seed`` the training run's (None: ``self.seed``): a multi-seed
+        study varies it, while the classifier, the real split, the noise and the probe keep ``self.seed``."""
         return ["--model", "sit_s", "--depth", str(self.depth), "--hidden-size", str(self.hidden_size),
                 "--num-heads", str(self.num_heads), "--patch-size", str(self.patch_size), "--data", "digits",
                 "--global-batch", str(self.global_batch), "--max-steps", str(self.steps), "--lr", f"{self.lr:g}",
                 "--warmup-steps", str(self.warmup_steps), "--ema-decay", f"{self.ema_decay:g}",
-                "--seed", str(self.seed), "--zero-stage", "1", "--loader", "torch", "--num-workers", "0",
-                "--no-flip", "--ckpt-every", str(self.steps), "--keep-last-k", "1",
+                "--seed", str(self.seed if seed is None else seed), "--zero-stage", "1", "--loader", "torch",
+                "--num-workers", "0", "--no-flip", "--ckpt-every", str(self.steps), "--keep-last-k", "1",
                 "--log-every", str(max(1, self.steps // 10)), "--sample-count", "10", "--sample-steps", "10"]
 
     def run_suffix(self) -> str:

@@ -23,16 +23,22 @@ What one comparison (``run_compare``) does:
      (``engine.experiments.report``).
 
 A sweep (``run_sweep``) does 2 and 3 for the baseline and every setting, and writes one table
-and one PNG of every run's curves.
+and one PNG of every run's curves. A study (``run_study``) does the same at several training
+seeds (seed, seed + 1, ...; the classifier, the real split, the sampling noise and the probe stay
+the base seed's, so the seeds change the training only) and writes per setting the mean and
+spread over seeds of FD, class accuracy, the EMA probe's best block, the final diffusion loss and
+the term's gap to its floor (``results.md`` / ``results.json``, ``study.png``).
 
 Everything is cached under the output folder: a training run is reused when its exact command
 line matches (``runs/<tag>/toy_run.json``), its samples and scores when the evaluation settings
 match (``toy_eval.json``), the classifier when its settings match; so a sweep shares the baseline
-and the classifier, and an interrupted command resumes at the first missing piece.
+and the classifier, and an interrupted command resumes at the first missing piece. Each training
+seed has its own run folders (``_seed<k>``; seed 0's carry none).
 """
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,10 +48,13 @@ import torch
 
 from engine.evaluation.fid import FeatureStatistics, frechet_distance_stats
 from engine.experiments.classifier import DigitClassifier, RealData, classifier_features, get_classifier, real_digits
-from engine.experiments.report import per_block_table, results_table, side_by_side_png
+from engine.experiments.report import (per_block_table, results_table, side_by_side_png, study_png, study_summary,
+                                       study_table)
 from engine.experiments.runs import train_run
-from engine.experiments.scoring import RunMetrics, evaluate_run, sample_noise_and_labels
-from engine.experiments.settings import DispSetting, ToyConfig, log
+from engine.experiments.scoring import (RunMetrics, evaluate_run, sample_noise_and_labels, sample_run, score_samples,
+                                        term_gap)
+from engine.experiments.settings import NUM_CLASSES, DispSetting, ToyConfig, log
+from engine.sampling.images import make_grid, render_latents, save_png
 from engine.training.plots import plot_comparison
 
 
@@ -124,3 +133,82 @@ def run_sweep(root: Path, cfg: ToyConfig, settings: Sequence[DispSetting]) -> di
                    {"config": cfg.as_json(), "settings": [asdict(s) for s in settings],
                     "real_fd": shared.real_fd, "classifier_acc": shared.clf_acc, "runs": [asdict(r) for r in rows],
                     "curves": str(curves)})
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{seconds:.0f} s" if seconds < 90 else f"{minutes} min" if minutes < 90 else \
+        f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def run_study(root: Path, cfg: ToyConfig, settings: Sequence[DispSetting], seeds: int) -> dict:
+    """The baseline and every setting at ``seeds`` training seeds (cfg.seed, cfg.seed + 1, ...),
+    seed by seed, each (setting, seed) its own cached run, all scored against the base seed's
+    classifier, reference and noise: results.md / results.json (every run, and per setting the
+    mean, sample std, min, max and values over seeds: ``report.spread``) and study.png under root."""
+    t0 = time.perf_counter()
+    shared = prepare(root, cfg)
+    seed_list = [cfg.seed + k for k in range(seeds)]
+    jobs = [(disp, seed) for seed in seed_list for disp in (None, *settings)]
+    rows: list[dict] = []
+    spent: list[float] = []  # wall time of each (setting, seed) trained by this command
+    for k, (disp, seed) in enumerate(jobs, 1):
+        left = f"; about {_duration(statistics.fmean(spent) * (len(jobs) - k + 1))} left" if spent else ""
+        log(f"study run {k} of {len(jobs)}: {disp.describe() if disp else 'no Dispersive Loss'}, seed {seed}{left}")
+        start = time.perf_counter()
+        run = train_run(root, cfg, disp, seed)
+        m, _ = evaluate_run(run, disp, cfg, shared.real, shared.net, shared.ref_stats, shared.noise, shared.labels)
+        if not run.reused:
+            spent.append(time.perf_counter() - start)
+        rows.append({**asdict(m), "seed": seed, "term_gap": term_gap(run.final), "path": str(run.path)})
+    summary = study_summary(rows)
+    png = study_png(root / "study.png", summary, title=f"digits, {cfg.steps} steps of batch {cfg.global_batch}, "
+                    f"training seeds {seed_list[0]}..{seed_list[-1]}")
+    table = study_table(summary, seed_list, shared.real_fd, shared.clf_acc, cfg)
+    return _finish(root / "results", "Dispersive Loss study", table, t0,
+                   {"config": cfg.as_json(), "seeds": seed_list, "settings": [asdict(s) for s in settings],
+                    "real_fd": shared.real_fd, "classifier_acc": shared.clf_acc, "summary": summary, "runs": rows,
+                    "png": str(png)})
+
+
+def score_run_dir(run_dir: Path, cfg: ToyConfig, cache: Path) -> dict:
+    """Scores the final EMA weights of any digits run of ``engine/train.py`` (the demo's): FD and
+    class accuracy of ``samples_per_class`` samples per digit, as a comparison scores its runs
+    (the classifier cached in ``cache``). Written to ``run_dir/digits_score.json``; returned."""
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        raise FileNotFoundError(f"{summary_path}: not a finished run of engine/train.py (no summary.json)")
+    summary = json.loads(summary_path.read_text())
+    checkpoint = Path(summary["release_checkpoint"])
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"{checkpoint}: the run's final checkpoint is missing")
+    shared = prepare(cache, cfg)
+    start = time.perf_counter()
+    samples = sample_run(checkpoint, cfg, shared.noise, shared.labels)
+    fd, class_acc = score_samples(samples, shared.labels, shared.net, shared.ref_stats)
+    # The first rows of the scored samples (row i asks for digit i % 10): the picture of these numbers.
+    shown = render_latents(samples[:cfg.grid_per_class * NUM_CLASSES].clamp(-1.0, 1.0))
+    grid = save_png(make_grid(shown, nrow=NUM_CLASSES), run_dir / "digits_score.png")
+    result = {"run": str(run_dir), "checkpoint": str(checkpoint), "samples": len(shared.labels),
+              "grid": str(grid), "curves": str(run_dir / "curves.png"),
+              "term": term_state(summary.get("final", {})),
+              "sampler": f"{cfg.sample_method} ODE, {cfg.sample_steps} grid points", "fd": fd,
+              "class_acc": class_acc, "real_heldout_fd": shared.real_fd, "classifier_heldout_acc": shared.clf_acc,
+              "seconds": time.perf_counter() - start}
+    (run_dir / "digits_score.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def term_state(final: dict, tol: float = 1e-3) -> list[str]:
+    """One sentence per regularized block from a run's last logged metrics: its gap to the floor,
+    its off-diagonal softmax weight, and whether it is still acting (gap above ``tol``, the
+    saturation warning's threshold)."""
+    out = []
+    for key in sorted(k for k in final if k.startswith("dispersive/block_") and k.endswith("/gap")):
+        block, gap = key.split("/")[1], final[key]
+        share = final.get(key.replace("/gap", "/off_diagonal"))
+        weight = f", off-diagonal softmax weight {share:.2f}" if share is not None else ""
+        verdict = ("acting" if gap > tol else
+                   f"at its floor (gap <= {tol:g}): its gradient is ~0, the run trains the plain diffusion loss")
+        out.append(f"{block.replace('_', ' ')}: gap {gap:.4f} to its floor{weight}: {verdict}")
+    return out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ import torch
 from PIL import Image
 
 from engine.experiments.classifier import DigitClassifier, random_shift
-from engine.experiments.scoring import sample_noise_and_labels
+from engine.experiments.report import spread
+from engine.experiments.scoring import sample_noise_and_labels, term_gap
 from engine.experiments.settings import DispSetting, ToyConfig
 from engine.toy import main
 
@@ -89,3 +91,120 @@ def test_smoke_end_to_end_then_sweep_reuses_runs(tmp_path, capsys):
     with Image.open(out / "sweep_s4_d2_h32_p4_curves.png") as img:  # every run's curves in one picture
         assert img.format == "PNG" and img.size == (1200, 450)
     assert [r["fd"] for r in sweep["runs"]] == pytest.approx([r["fd"] for r in runs])
+
+
+def test_scale_invariant_setting_and_the_study_list():
+    s = DispSetting(tau=0.5, scale_invariant=True)
+    assert s.tag() == "disp_l0.25_t0.5_last_infonce_l2_si" and s.describe().endswith(", scale-invariant")
+    assert s.flags()[-1] == "--disp-scale-invariant" and "--disp-scale-invariant" not in DispSetting().flags()
+    with pytest.raises(ValueError, match="scale_invariant"):
+        DispSetting(variant="infonce_cosine", scale_invariant=True)  # cosine is scale-invariant already
+    grid = DispSetting.product([0.25], [1.0], ["last"], ["infonce_l2"], [False, True])
+    assert [g.scale_invariant for g in grid] == [False, True]
+    study = DispSetting.study()
+    assert len(study) == 9 and len({d.tag() for d in study}) == 9  # every setting its own runs
+    assert study[0] == DispSetting() and study[1] == DispSetting(lambda_=0.5, tau=0.5, blocks="paper")
+    assert sorted((d.blocks, d.tau) for d in study if d.scale_invariant) == \
+           sorted((b, t) for b in ("last", "all") for t in (0.25, 0.5, 1.0))
+    assert study[-1].variant == "infonce_cosine"
+    flags = ToyConfig().train_flags(seed=7)
+    assert flags[flags.index("--seed") + 1] == "7"
+    with pytest.raises(SystemExit):  # --study names its own settings
+        main(["sweep", "--study", "--taus", "0.5", "--smoke"])
+
+
+def test_spread_and_term_gap():
+    m = spread([1.0, 2.0, None, float("nan"), 6.0])
+    assert m["n"] == 3 and m["mean"] == pytest.approx(3.0) and m["std"] == pytest.approx(np.std([1, 2, 6], ddof=1))
+    assert (m["min"], m["max"]) == (1.0, 6.0) and m["values"] == [1.0, 2.0, None, None, 6.0]
+    assert spread([4.0])["std"] is None and spread([None])["mean"] is None
+    final = {"dispersive/block_0/gap": 0.5, "dispersive/block_3/gap": 1.5, "dispersive/block_3": -2.0}
+    assert term_gap(final) == pytest.approx(1.0) and term_gap({"diffusion_loss": 0.3}) is None
+
+
+def test_smoke_study_two_seeds_cached_then_one_seed_sweep(tmp_path, capsys):
+    out = tmp_path / "study"
+    argv = ["sweep", "--out", str(out), "--smoke", "--taus", "1", "--scale-invariant", "no", "yes", "--seeds", "2"]
+    result = main(argv)
+    log = capsys.readouterr().out
+    assert "study run 1 of 6: no Dispersive Loss, seed 0" in log and "study run 6 of 6" in log
+    assert "left" in log  # a time estimate once a run has finished
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["seeds"] == [0, 1] and [r["seed"] for r in saved["runs"]] == [0, 0, 0, 1, 1, 1]
+    assert [g["name"] for g in saved["summary"]] == ["baseline", "disp_l0.25_t1_last_infonce_l2",
+                                                     "disp_l0.25_t1_last_infonce_l2_si"]
+    for g in saved["summary"]:
+        assert g["seeds"] == [0, 1]
+        for key in ("fd", "class_acc", "probe_ema_best", "diffusion_loss"):
+            m = g["metrics"][key]
+            assert len(m["values"]) == 2 and m["values"] == [r[key] for r in saved["runs"] if r["name"] == g["name"]]
+            assert m["mean"] == pytest.approx(np.mean(m["values"]))
+            assert m["std"] == pytest.approx(np.std(m["values"], ddof=1))
+            assert (m["min"], m["max"]) == (min(m["values"]), max(m["values"]))
+        gap = g["metrics"]["term_gap"]  # no term, no gap for the baseline
+        assert gap["n"] == (0 if g["name"] == "baseline" else 2)
+    # Seed 1 trained its own runs (another --seed), the scale-invariant ones with the flag.
+    for r in saved["runs"]:
+        cfg = json.loads((Path(r["path"]) / "config.json").read_text())
+        assert cfg["seed"] == r["seed"] and cfg["dispersive"]["scale_invariant"] == r["name"].endswith("_si")
+    fds = {(r["name"], r["seed"]): r["fd"] for r in saved["runs"]}
+    assert fds[("baseline", 0)] != fds[("baseline", 1)]
+    table = (out / "results.md").read_text()
+    assert "| setting | n seeds | FD mean ± std |" in table and "| no Dispersive Loss | 2 |" in table
+    assert "| lambda 0.25, tau 1, blocks last, infonce_l2, scale-invariant | 2 |" in table
+    assert (out / "study.png").stat().st_size > 20_000
+    with Image.open(out / "study.png") as img:
+        assert img.format == "PNG" and img.size == (1200, 500)
+    assert result["summary"] == saved["summary"]
+
+    # Again: every (setting, seed) is reused, nothing trained or scored.
+    ckpts = sorted(out.glob("runs/*/checkpoints/*.pt"))
+    mtimes = [p.stat().st_mtime_ns for p in ckpts]
+    again = main(argv)
+    log = capsys.readouterr().out
+    assert "[toy] training" not in log and "[toy] sampling" not in log and log.count("reusing") == 6
+    assert [p.stat().st_mtime_ns for p in ckpts] == mtimes and len(ckpts) == 6
+    assert again["summary"] == saved["summary"]
+
+    # One seed: the sweep's output as before, from the study's seed-0 runs.
+    sweep = main(argv[:-1] + ["1"])
+    log = capsys.readouterr().out
+    assert "[toy] training" not in log and log.count("reusing") == 3 and "study run" not in log
+    assert (out / "sweep_s4_d2_h32_p4.md").is_file() and "summary" not in sweep
+    assert [r["fd"] for r in sweep["runs"]] == pytest.approx([fds[(g["name"], 0)] for g in saved["summary"]])
+
+
+def test_term_state_says_whether_the_term_acts():
+    from engine.experiments.toy import term_state
+
+    acting = term_state({"dispersive/block_5/gap": 0.0077, "dispersive/block_5/off_diagonal": 0.96})
+    assert acting == ["block 5: gap 0.0077 to its floor, off-diagonal softmax weight 0.96: acting"]
+    (floor,) = term_state({"dispersive/block_0/gap": 2e-4})
+    assert floor.startswith("block 0: gap 0.0002 to its floor: at its floor (gap <= 0.001)")
+    assert term_state({"diffusion_loss": 0.2}) == []
+
+
+@pytest.mark.slow
+def test_score_command_on_a_finished_train_run(tmp_path):
+    """What ./dev.sh demo ends with: class accuracy and FD of a train.py run's EMA samples."""
+    import subprocess
+    import sys
+
+    from tests.engine_helpers import REPO, TINY, engine_env, run_engine
+
+    run = tmp_path / "run"
+    run_engine([*TINY, "--data", "digits", "--no-flip", "--patch-size", "4", "--global-batch", "16",
+                "--max-steps", "2", "--log-every", "1", "--no-tensorboard", "--disp-preset", "release",
+                "--disp-scale-invariant", "--results-dir", str(run)], ranks=0)
+    proc = subprocess.run([sys.executable, "-m", "engine.toy", "score", str(run), "--samples-per-class", "3",
+                           "--cache", str(tmp_path / "cache")], cwd=REPO, env=engine_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    score = json.loads((run / "digits_score.json").read_text())
+    assert score["samples"] == 30 and 0.0 <= score["class_acc"] <= 1.0 and score["fd"] > 0
+    assert (run / "digits_score.png").stat().st_size > 1000
+    assert f"class accuracy {score['class_acc']:.3f}, FD {score['fd']:.2f}" in proc.stdout
+    assert "dispersive term, block 1: gap" in proc.stdout
+    missing = subprocess.run([sys.executable, "-m", "engine.toy", "score", str(tmp_path / "nothing")], cwd=REPO,
+                             env=engine_env(), capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "no summary.json" in missing.stderr and "Traceback" not in missing.stderr
