@@ -11,7 +11,8 @@ MESSAGE = (
     "every regularized block's dispersive term has stayed within {tol:g} of its floor for {windows} log "
     "windows (gaps: {gaps}): it has stopped acting (its gradient is ~0), and the run now trains "
     "the plain diffusion loss. Options that change it: a larger --disp-tau (the InfoNCE terms keep a "
-    "gradient at larger distances), --disp-variant infonce_cosine (bounded and scale invariant), "
+    "gradient at larger distances), --disp-scale-invariant (distances relative to the batch's mean: "
+    "no floor reachable by scaling up), --disp-variant infonce_cosine (bounded and scale invariant), "
     "--disp-blocks (earlier blocks), --disp-lambda (its weight), or --disp-preset none for the baseline."
 )
 

@@ -323,7 +323,8 @@ class Trainer:
                   f"{'all ' if len(minutes) == 1 else ''}{len(timeouts)} process group(s); stop the run with "
                   f"SIGTERM to the ranks or: touch {self.out / STOP_FILE}", flush=True)
         d = self.cfg.dispersive
-        disp = (f"{d.variant}, lambda {d.lambda_}, tau {d.tau}, blocks {d.blocks}, scope {d.scope}"
+        disp = (f"{d.variant}{' (scale-invariant)' if d.scale_invariant else ''}, lambda {d.lambda_}, tau {d.tau}, "
+                f"blocks {d.blocks}, scope {d.scope}"
                 if d.enabled else "off")
         print(f"[train] dispersive loss: {disp}; results in {self.out}" +
               (f"; resumed from {resume} at step {self.step}" if resume else ""), flush=True)
