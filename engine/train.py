@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository's packages importable
@@ -30,6 +31,11 @@ from engine.training.resume import check_resume
 from engine.training.trainer import NonFiniteError, Trainer
 from engine.objectives.dispersive import DispersiveConfig
 from engine.objectives.meanflow_presets import MEANFLOW_PRESETS, meanflow_preset
+
+# ZeRO calls torch's all_gather_into_tensor, deprecated in torch 2.13: DeepSpeed's business, not
+# the user's, and it would repeat on every rank of every run.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                        category=FutureWarning)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -49,6 +49,12 @@ def tag_for(step: int) -> str:
     return f"step_{step:07d}"
 
 
+def step_of(path: Path) -> int | None:
+    """The step in a checkpoint folder's name ``step_NNNNNNN``; None for another name."""
+    m = _TAG.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
     path = Path(path)
@@ -245,8 +251,8 @@ def saved_config(path: Path) -> dict[str, Any] | None:
     path = Path(path)
     if (path / CONFIG).exists():
         return json.loads((path / CONFIG).read_text())
-    m = _TAG.match(path.name)
-    release = path.parent / f"{int(m.group(1)):07d}.pt" if m else None
+    step = step_of(path)
+    release = None if step is None else path.parent / f"{step:07d}.pt"
     if release is None or not release.exists():
         return None
     try:

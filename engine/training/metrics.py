@@ -120,8 +120,10 @@ class TensorBoardSink(MetricSink):
     """TensorBoard event files in ``folder`` (``tensorboard --logdir RUN_DIR/tensorboard``), flushed
     at every write so that a killed run keeps what it logged."""
 
-    def __init__(self, folder: Path):
-        self.writer = SummaryWriter(log_dir=str(folder))
+    def __init__(self, folder: Path, purge_step: int | None = None):
+        """``purge_step``: a run resumed from step S passes S + 1, so that what a crashed session
+        logged after its checkpoint is hidden instead of shown twice (TensorBoard's purge)."""
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge_step)
 
     def scalars(self, step: int, record: dict[str, Any]) -> None:
         for tag, value in _numbers(record).items():
@@ -191,14 +193,17 @@ class MetricSinks(MetricSink):
 
     @classmethod
     def open(cls, folder: Path, *, enabled: bool, tensorboard: bool = True, wandb: str | None = None,
-             config: dict[str, Any] | None = None) -> "MetricSinks":
+             config: dict[str, Any] | None = None, resumed_at: int | None = None) -> "MetricSinks":
         """metrics.jsonl/csv always, TensorBoard in ``folder/tensorboard`` when ``tensorboard``, a
-        wandb run of project ``wandb`` when given; nothing when not ``enabled`` (ranks > 0)."""
+        wandb run of project ``wandb`` when given; nothing when not ``enabled`` (ranks > 0).
+        ``resumed_at``: the step a resumed run continues from (TensorBoard hides later events of
+        the earlier session; the jsonl keeps both and its readers take the later record)."""
         if not enabled:
             return cls()
         sinks: list[MetricSink] = [FileSink(folder)]
         if tensorboard:
-            sinks.append(TensorBoardSink(folder / "tensorboard"))
+            purge = None if resumed_at is None else resumed_at + 1
+            sinks.append(TensorBoardSink(folder / "tensorboard", purge_step=purge))
         if wandb:
             sinks.append(WandbSink(folder, wandb, config))
         return cls(sinks)

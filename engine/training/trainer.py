@@ -30,7 +30,7 @@ from engine.sampling.guidance import Guidance
 from engine.sampling.samplers import SamplerConfig
 from engine.training.builders import (build_model, loader_for, model_config_for, objective_for, prepare_dataset,
                                       seed_everything)
-from engine.training.checkpoint import CheckpointManager, rng_state, saved_config, set_rng_state
+from engine.training.checkpoint import CheckpointManager, rng_state, saved_config, set_rng_state, step_of
 from engine.training.config import DataSection, TrainConfig
 from engine.training.deepspeed_setup import build_engine
 from engine.training.ema import FullEMA, ema_builder, full_state_dict
@@ -119,8 +119,10 @@ class Trainer:
         self._nan_from = int(os.environ.get("DISPERSIVE_FAULT_NAN_FROM_STEP", "0")) or None
         self.timer = PhaseTimer(self.device)
         self.saturation = SaturationWatch()
+        self.resume = self.checkpoints.dir.resolve_resume(cfg.resume)
         self.metrics = MetricSinks.open(self.out, enabled=self.is_main, tensorboard=cfg.tensorboard,
-                                        wandb=cfg.wandb, config=config_to_dict(cfg))
+                                        wandb=cfg.wandb, config=config_to_dict(cfg),
+                                        resumed_at=None if self.resume is None else step_of(self.resume))
         self.flops_per_image = self.objective.flops_per_image(self.model_cfg)
         self.peak = peak_tflops(self.device, cfg.precision)
 
@@ -215,7 +217,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        resume = self.checkpoints.dir.resolve_resume(cfg.resume)
+        resume = self.resume
         changes = self.load(resume) if resume is not None else []
         self._print_startup(resume)
         if resume is not None:

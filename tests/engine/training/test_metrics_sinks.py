@@ -110,3 +110,21 @@ def test_wandb_mode_is_offline_unless_chosen_or_logged_in(tmp_path):
     netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "x" * 40 + "\n")
     assert wandb_mode({"NETRC": str(netrc)}) is None  # wandb login wrote the key
     assert wandb_mode({"NETRC": str(netrc), "WANDB_BASE_URL": "https://wandb.example.org"}) == "offline"
+
+
+def test_a_resumed_run_hides_what_the_crashed_session_logged_after_its_checkpoint(tmp_path):
+    from engine.training.metrics import MetricSinks
+
+    first = MetricSinks.open(tmp_path, enabled=True)
+    for step in range(1, 7):  # logged up to 6, checkpoint at 4, then killed
+        first.scalars(step, {"diffusion_loss": 1.0})
+    first.close()
+    resumed = MetricSinks.open(tmp_path, enabled=True, resumed_at=4)
+    for step in (5, 6, 7):
+        resumed.scalars(step, {"diffusion_loss": 2.0})
+    resumed.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    events = acc.Scalars("diffusion_loss")
+    assert [e.step for e in events] == [1, 2, 3, 4, 5, 6, 7]  # each step once (it was 1..6, 5..7)
+    assert [e.value for e in events] == [1.0] * 4 + [2.0] * 3
