@@ -4,7 +4,7 @@ A checkpoint is the state of one experiment. Its *fixed* settings say what the s
 and optimizer state are (the architecture, the objective and its regularizer, the precision
 and ZeRO layout of the saved shards, the dataset the saved data position indexes); a resume
 that changes one is refused, naming it: start a new ``--results-dir`` to change them. Every
-other setting may change and takes effect: the optimizer's hyper-parameters (lr, betas, eps,
+other setting may change and takes effect (the term's ``backend`` and MeanFlow's ``sample_steps`` too): the optimizer's hyper-parameters (lr, betas, eps,
 weight decay, warm-up; torch's ``load_state_dict`` would otherwise bring the saved ones back),
 gradient clipping, EMA decay, run length, logging, checkpointing, sampling, the timeout,
 batch size and seed (the loader picks the data position up), and runtime choices
@@ -12,31 +12,47 @@ batch size and seed (the loader picks the data position up), and runtime choices
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import models
+from engine.objectives.dispersive import DispersiveConfig
+from engine.objectives.meanflow import MeanFlowConfig
 from engine.training.checkpoint import CheckpointError
 
-# (section, field) or (field,): a section name alone fixes all of that section.
+
+
+def _fields(section: str, cls: type, but: tuple[str, ...] = ()) -> tuple[tuple[str, str], ...]:
+    return tuple((section, f.name) for f in dataclasses.fields(cls) if f.name not in but)
+
+
+# (section, field) or (field,). Not fixed: the term's backend and MeanFlow's grid sampler steps,
+# which change how the same thing is computed or looked at, not what is trained.
 FIXED: tuple[tuple[str, ...], ...] = (
     ("model", "name"), ("model", "depth"), ("model", "hidden_size"), ("model", "num_heads"),
-    ("model", "patch_size"), ("model", "class_dropout_prob"),
-    ("objective",), ("transport",), ("dispersive",), ("meanflow",),
+    ("model", "patch_size"), ("model", "class_dropout_prob"), ("objective",), ("transport",),
+    *_fields("dispersive", DispersiveConfig, but=("backend",)),
+    *_fields("meanflow", MeanFlowConfig, but=("sample_steps",)),
     ("precision",), ("zero_stage",), ("data", "data"),
 )
 APPLIED_OPTIM = ("lr", "betas", "eps", "weight_decay", "warmup_steps")
 
 
+_ABSENT = object()  # a setting the saved config predates: nothing to compare it with
+
+
 def _get(config: dict[str, Any], key: tuple[str, ...]) -> Any:
     for part in key:
         if not isinstance(config, dict) or part not in config:
-            return None
+            return _ABSENT
         config = config[part]
     return config
 
 
 def _same(key: tuple[str, ...], saved: Any, now: Any) -> bool:
+    if saved is _ABSENT:
+        return True
     if key == ("model", "name") and saved is not None and now is not None:
         return models.resolve_name(saved) == models.resolve_name(now)  # "SiT-XL/2" is sit_xl
     if key == ("data", "data") and saved is not None and now is not None:
@@ -58,7 +74,7 @@ def check_resume(saved: dict[str, Any], now: dict[str, Any], where: Path) -> lis
     notes = []
     for name in APPLIED_OPTIM:
         old, new = _get(saved, ("optim", name)), _get(now, ("optim", name))
-        if old is not None and old != new:
+        if old is not _ABSENT and old != new:
             notes.append(f"optim.{name} {old} -> {new}")
     return notes
 

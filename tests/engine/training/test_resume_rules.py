@@ -3,6 +3,7 @@ checkpoint folders a resume refuses: a save's files missing, a damaged file, ano
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -50,7 +51,7 @@ def test_a_new_lr_is_applied_on_resume(trained, tmp_path):
 @pytest.mark.parametrize("flags, named", [
     (["--model", "dit_s"], "model.name: saved 'sit_s', now 'dit_s'"),
     (["--objective", "meanflow"], "objective: saved 'auto', now 'meanflow'"),
-    (["--disp-tau", "0.5"], "dispersive: saved"),
+    (["--disp-tau", "0.5"], "dispersive.tau: saved 1.0, now 0.5"),
     (["--precision", "bf16"], "precision: saved 'fp32', now 'bf16'"),
 ])
 def test_a_fixed_setting_changed_on_resume_is_refused(trained, tmp_path, flags, named):
@@ -90,6 +91,25 @@ def test_another_world_size_is_refused_before_launch(trained, tmp_path):
     said = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "Traceback" not in said
     assert "saved by 2 rank(s) and this launch has 1; resume with 2 rank(s)" in said
+
+
+def test_what_resume_may_change_without_a_launch():
+    from engine.config.flags import config_to_dict
+    from engine.training.checkpoint import CheckpointError
+    from engine.training.config import TrainConfig
+    from engine.training.resume import check_resume
+
+    saved = config_to_dict(TrainConfig())
+    now = config_to_dict(TrainConfig())
+    now["dispersive"]["backend"], now["meanflow"]["sample_steps"], now["optim"]["lr"] = "torch", 2, 3e-4
+    now["model"]["name"] = "SiT-XL/2"  # the release's spelling of the same model
+    assert check_resume(saved, now, Path("ckpt")) == ["optim.lr 0.0001 -> 0.0003"]
+    del saved["dispersive"]["scale_invariant"]  # saved before the setting existed: not compared
+    now["dispersive"]["scale_invariant"] = True
+    assert check_resume(saved, now, Path("ckpt")) == ["optim.lr 0.0001 -> 0.0003"]
+    now["dispersive"]["blocks"] = "all"
+    with pytest.raises(CheckpointError, match=r"dispersive.blocks: saved 'last', now 'all'"):
+        check_resume(saved, now, Path("ckpt"))
 
 
 def test_a_save_inside_a_nonfinite_streak_never_prunes_the_last_good_one(tmp_path):
