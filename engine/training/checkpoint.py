@@ -352,13 +352,18 @@ class CheckpointManager:
             failure = e
         if not bool(any_true(torch.tensor([failure is not None]))[0]):
             return
-        if self.is_main:  # the incomplete folder would only hold disk space
+        complete = (path / COMPLETE).exists()  # only pruning comes after COMPLETE
+        if self.is_main and not complete:  # an incomplete folder only holds disk space
             shutil.rmtree(path, ignore_errors=True)
         kept = ", ".join(map(str, self.dir.steps())) or "none"
         if failure is None:
             raise CheckpointError(f"the checkpoint of step {step} was not saved: another rank could not write "
                                   f"its part (its error names the file); checkpoints kept: {kept}")
         what = "no space left on device" if _no_space(failure) else f"{type(failure).__name__}: {failure}"
+        if complete:
+            raise CheckpointError(f"the checkpoint of step {step} was saved, but then {what} while removing "
+                                  f"older ones (checkpoints now: {kept}); fix the folder's permissions or space "
+                                  "and resume with --resume auto")
         raise CheckpointError(f"the checkpoint of step {step} was not saved: {what} while writing "
                               f"{self._writing}; it does not count and no older checkpoint was removed "
                               f"(kept: {kept}). Free space (or choose --results-dir elsewhere) and resume "

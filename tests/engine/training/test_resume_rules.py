@@ -124,3 +124,27 @@ def test_a_save_inside_a_nonfinite_streak_never_prunes_the_last_good_one(tmp_pat
     ckpts.path(5).mkdir()
     ckpts.mark_complete(5)  # healthy again: the good one is now the newest
     assert ckpts.prune(keep_last_k=1, protect=(5,)) == [2, 4]
+
+
+def test_a_failed_write_removes_an_incomplete_folder_but_never_a_complete_one(tmp_path):
+    import errno
+
+    from engine.training.checkpoint import CheckpointError, CheckpointManager
+
+    manager = CheckpointManager(tmp_path, rank=0, keep_last_k=1, engine=None, ema=None, loader=None,
+                                full_weights=lambda keep: None, release_fields=dict)
+
+    def denied():
+        raise OSError(errno.EACCES, "Permission denied", str(tmp_path / "x"))
+
+    done = manager.dir.path(3)
+    done.mkdir(parents=True)
+    manager.dir.mark_complete(3)  # e.g. the prune after COMPLETE failed
+    with pytest.raises(CheckpointError, match="the checkpoint of step 3 was saved, but then PermissionError"):
+        manager._agree(3, done, denied)
+    assert (done / COMPLETE).exists()
+    partial = manager.dir.path(4)
+    partial.mkdir()
+    with pytest.raises(CheckpointError, match="the checkpoint of step 4 was not saved: PermissionError"):
+        manager._agree(4, partial, denied)
+    assert not partial.exists()
