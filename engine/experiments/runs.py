@@ -1,4 +1,6 @@
-"""One toy training run: engine/train.py in a subprocess (DeepSpeed state stays per run), reused when its command line matches."""
+"""One toy training run: engine/train.py in a subprocess (DeepSpeed state stays per run), reused
+when its command line matches, and resumed from its last checkpoint when a launch of the same
+command line was cut (a study outlives sessions and machines: a cut costs at most SAVE_EVERY steps)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +14,10 @@ from pathlib import Path
 
 from engine.config.paths import REPO_ROOT
 from engine.experiments.settings import DispSetting, ToyConfig, log
+
+SAVE_EVERY = 250
+"""Steps between a run's checkpoints. Launch-only: not part of the run's key (the saved command
+line), since a save changes nothing in the run (resume is bit-identical: tests/engine/training/test_runs.py)."""
 
 
 @dataclass
@@ -34,32 +40,39 @@ def train_run(root: Path, cfg: ToyConfig, disp: DispSetting | None, seed: int | 
     path = root / "runs" / (f"{name}_{cfg.run_suffix()}" + (f"_seed{seed}" if seed else ""))
     argv = [*cfg.train_flags(seed), *(disp.flags() if disp is not None else ["--disp-preset", "none"]),
             "--results-dir", str(path)]
-    stamp = path / "toy_run.json"
+    stamp, launch = path / "toy_run.json", path / "toy_launch.json"
     ckpt = path / "checkpoints" / f"{cfg.steps:07d}.pt"
     if stamp.exists() and ckpt.exists():
         saved = json.loads(stamp.read_text())
         if saved.get("argv") == argv:
             log(f"reusing {path.name} (trained in {saved['seconds']:.0f} s)")
             return TrainedRun(name, path, ckpt, saved["seconds"], saved.get("final", {}), True, seed)
-    if path.exists():
-        shutil.rmtree(path)  # a stale or partial run with other settings
-    path.mkdir(parents=True)
+    resuming = not stamp.exists() and launch.exists() and json.loads(launch.read_text()).get("argv") == argv
+    if not resuming:
+        if path.exists():
+            shutil.rmtree(path)  # a stale run with other settings, or one cut before any record of its command
+        path.mkdir(parents=True)
+        launch.write_text(json.dumps({"argv": argv}, indent=2))
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / "build" / "cache" / "torch_extensions"))
     env.setdefault("TRITON_CACHE_DIR", str(REPO_ROOT / "build" / "cache" / "triton"))
     env["PYTHONUNBUFFERED"] = "1"
-    log(f"training {path.name}: {cfg.steps} steps ({disp.describe() if disp else 'no Dispersive Loss'}); "
+    what = "resuming" if resuming else "training"
+    log(f"{what} {path.name}: {cfg.steps} steps ({disp.describe() if disp else 'no Dispersive Loss'}); "
         f"log in {path / 'train.log'}")
+    # The key's flags, then the launch's: argparse keeps the last --ckpt-every.
+    cmd = [sys.executable, str(REPO_ROOT / "engine" / "train.py"), *argv,
+           "--ckpt-every", str(min(SAVE_EVERY, cfg.steps)), "--resume", "auto"]
     start = time.perf_counter()
-    with open(path / "train.log", "w") as train_log:
-        proc = subprocess.run([sys.executable, str(REPO_ROOT / "engine" / "train.py"), *argv], cwd=REPO_ROOT, env=env,
-                              stdout=train_log, stderr=subprocess.STDOUT)
+    with open(path / "train.log", "a" if resuming else "w") as train_log:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=train_log, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
     if proc.returncode != 0 or not ckpt.exists():
         tail = (path / "train.log").read_text()[-3000:]
         raise RuntimeError(f"training {path.name} failed (exit {proc.returncode}); end of its log:\n{tail}")
     summary = json.loads((path / "summary.json").read_text())
     final = summary.get("final", {})
-    stamp.write_text(json.dumps({"argv": argv, "seconds": seconds, "final": final}, indent=2))
-    log(f"trained {path.name} in {seconds:.0f} s")
+    # seconds: this launch's (a resumed run's earlier launches were cut before they could say)
+    stamp.write_text(json.dumps({"argv": argv, "seconds": seconds, "resumed": resuming, "final": final}, indent=2))
+    log(f"trained {path.name} in {seconds:.0f} s" + (" (this launch; resumed)" if resuming else ""))
     return TrainedRun(name, path, ckpt, seconds, final, False, seed)

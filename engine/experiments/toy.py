@@ -98,14 +98,16 @@ def _train_and_score(root: Path, cfg: ToyConfig, shared: Shared,
     return rows, samples
 
 
-def _finish(path: Path, title: str, table: str, t0: float, result: dict) -> dict:
-    """Write the markdown (title, table, wall time) and the JSON (``result`` plus the wall time); print the markdown."""
+def _finish(path: Path, title: str, table: str, t0: float, result: dict, quiet: bool = False) -> dict:
+    """Write the markdown (title, table, wall time) and the JSON (``result`` plus the wall time);
+    print the markdown unless ``quiet``."""
     seconds = time.perf_counter() - t0
     text = f"# {title}\n\n{table}\n\nWall time of this command: {seconds:.0f} s.\n"
     path.with_suffix(".md").write_text(text)
     result = {**result, "seconds": seconds}
     path.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    print(text, flush=True)
+    if not quiet:
+        print(text, flush=True)
     return result
 
 
@@ -145,7 +147,8 @@ def run_study(root: Path, cfg: ToyConfig, settings: Sequence[DispSetting], seeds
     """The baseline and every setting at ``seeds`` training seeds (cfg.seed, cfg.seed + 1, ...),
     seed by seed, each (setting, seed) its own cached run, all scored against the base seed's
     classifier, reference and noise: results.md / results.json (every run, and per setting the
-    mean, sample std, min, max and values over seeds: ``report.spread``) and study.png under root."""
+    mean, sample std, min, max and values over seeds: ``report.spread``) and study.png under root,
+    written again after every run (a study of hours can be read, and cut, at any point)."""
     t0 = time.perf_counter()
     shared = prepare(root, cfg)
     seed_list = [cfg.seed + k for k in range(seeds)]
@@ -161,14 +164,22 @@ def run_study(root: Path, cfg: ToyConfig, settings: Sequence[DispSetting], seeds
         if not run.reused:
             spent.append(time.perf_counter() - start)
         rows.append({**asdict(m), "seed": seed, "term_gap": term_gap(run.final), "path": str(run.path)})
+        result = _study_report(root, cfg, settings, seed_list, shared, rows, len(jobs), t0, quiet=k < len(jobs))
+    return result
+
+
+def _study_report(root: Path, cfg: ToyConfig, settings: Sequence[DispSetting], seed_list: list[int],
+                  shared: Shared, rows: list[dict], jobs: int, t0: float, quiet: bool) -> dict:
+    """results.md / results.json / study.png of the runs finished so far (``jobs`` in all)."""
     summary = study_summary(rows)
+    done = "" if len(rows) == jobs else f" ({len(rows)} of {jobs} runs finished)"
     png = study_png(root / "study.png", summary, title=f"digits, {cfg.steps} steps of batch {cfg.global_batch}, "
-                    f"training seeds {seed_list[0]}..{seed_list[-1]}")
+                    f"training seeds {seed_list[0]}..{seed_list[-1]}{done}")
     table = study_table(summary, seed_list, shared.real_fd, shared.clf_acc, cfg)
-    return _finish(root / "results", "Dispersive Loss study", table, t0,
+    return _finish(root / "results", f"Dispersive Loss study{done}", table, t0,
                    {"config": cfg.as_json(), "seeds": seed_list, "settings": [asdict(s) for s in settings],
-                    "real_fd": shared.real_fd, "classifier_acc": shared.clf_acc, "summary": summary, "runs": rows,
-                    "png": str(png)})
+                    "real_fd": shared.real_fd, "classifier_acc": shared.clf_acc, "finished": len(rows),
+                    "jobs": jobs, "summary": summary, "runs": rows, "png": str(png)}, quiet=quiet)
 
 
 def score_run_dir(run_dir: Path, cfg: ToyConfig, cache: Path) -> dict:

@@ -122,14 +122,35 @@ def test_spread_and_term_gap():
     assert term_gap(final) == pytest.approx(1.0) and term_gap({"diffusion_loss": 0.3}) is None
 
 
-def test_smoke_study_two_seeds_cached_then_one_seed_sweep(tmp_path, capsys):
+def test_smoke_study_two_seeds_cached_then_one_seed_sweep(tmp_path, capsys, monkeypatch):
     out = tmp_path / "study"
     argv = ["sweep", "--out", str(out), "--smoke", "--taus", "1", "--scale-invariant", "no", "yes", "--seeds", "2"]
+    # A study cut in its third run has already written the results of the first two.
+    import engine.experiments.toy as toy
+    calls, train_run = [], toy.train_run
+
+    def cut_in_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return train_run(*args, **kwargs)
+
+    monkeypatch.setattr(toy, "train_run", cut_in_third)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    partial = json.loads((out / "results.json").read_text())
+    assert (partial["finished"], partial["jobs"], len(partial["runs"])) == (2, 6, 2)
+    assert "(2 of 6 runs finished)" in (out / "results.md").read_text() and (out / "study.png").is_file()
+    assert [g["seeds"] for g in partial["summary"]] == [[0], [0]]
+    monkeypatch.setattr(toy, "train_run", train_run)
+    capsys.readouterr()
     result = main(argv)
     log = capsys.readouterr().out
     assert "study run 1 of 6: no Dispersive Loss, seed 0" in log and "study run 6 of 6" in log
+    assert log.count("reusing") == 2 and "runs finished" not in (out / "results.md").read_text()
     assert "left" in log  # a time estimate once a run has finished
     saved = json.loads((out / "results.json").read_text())
+    assert saved["finished"] == saved["jobs"] == 6
     assert saved["seeds"] == [0, 1] and [r["seed"] for r in saved["runs"]] == [0, 0, 0, 1, 1, 1]
     assert [g["name"] for g in saved["summary"]] == ["baseline", "disp_l0.25_t1_last_infonce_l2",
                                                      "disp_l0.25_t1_last_infonce_l2_si"]
@@ -208,3 +229,35 @@ def test_score_command_on_a_finished_train_run(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "engine.toy", "score", str(tmp_path / "nothing")], cwd=REPO,
                              env=engine_env(), capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "no summary.json" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_a_cut_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """A run killed mid-way (here: in its save of step 6) is resumed from step 4 by the next call with
+    the same command line, and ends bit-identical to a run that was never cut."""
+    from engine.experiments import runs
+
+    monkeypatch.setattr(runs, "SAVE_EVERY", 2)
+    cfg = ToyConfig.smoke(steps=8)
+    straight = runs.train_run(tmp_path / "straight", cfg, None)
+    monkeypatch.setenv("DISPERSIVE_FAULT_KILL_IN_SAVE", "6")
+    with pytest.raises(RuntimeError, match="failed"):
+        runs.train_run(tmp_path / "cut", cfg, None)
+    assert not (tmp_path / "cut" / "runs" / straight.path.name / "toy_run.json").exists()
+    monkeypatch.delenv("DISPERSIVE_FAULT_KILL_IN_SAVE")
+    capsys.readouterr()
+    resumed = runs.train_run(tmp_path / "cut", cfg, None)
+    assert "[toy] resuming baseline_s8_d2_h32_p4" in capsys.readouterr().out
+    log = (resumed.path / "train.log").read_text()
+    assert "resumed from" in log and "at step 4" in log and log.count("[train] model") == 2  # one log, both launches
+    a, b = (torch.load(r.checkpoint, weights_only=True) for r in (straight, resumed))
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert json.loads((resumed.path / "toy_run.json").read_text())["resumed"] is True
+    # Another command line in the same folder is a new run: the cut one is not resumed.
+    monkeypatch.setenv("DISPERSIVE_FAULT_KILL_IN_SAVE", "6")
+    with pytest.raises(RuntimeError):
+        runs.train_run(tmp_path / "other", cfg, None)
+    monkeypatch.delenv("DISPERSIVE_FAULT_KILL_IN_SAVE")
+    other = ToyConfig.smoke(steps=8, lr=2e-3)
+    capsys.readouterr()
+    runs.train_run(tmp_path / "other", other, None)
+    assert "[toy] training baseline_s8_d2_h32_p4" in capsys.readouterr().out
