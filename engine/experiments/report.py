@@ -89,15 +89,37 @@ def spread(values: Sequence[float | None]) -> dict:
             "min": min(xs, default=None), "max": max(xs, default=None), "values": vals}
 
 
+JUDGED = (("fd", "FD", True), ("class_acc", "class acc.", False))
+"""(metric, name, lower is better): the sample metrics a setting is judged on against the baseline."""
+
+
+def versus(m: dict, base: dict, lower_is_better: bool) -> str:
+    """A setting's seeds against the baseline's on one metric: "better" when even its worst seed
+    beats the baseline's best, "worse" when even its best seed is behind the baseline's worst,
+    else "within the spread" (the two seeds' ranges overlap); "n/a" under 2 seeds on either side.
+    With 3 seeds each, complete separation by chance alone has probability 1/20 per direction."""
+    if min(m["n"], base["n"]) < 2:
+        return "n/a"
+    sign = 1.0 if lower_is_better else -1.0
+    best, worst = sorted((sign * m["min"], sign * m["max"]))
+    base_best, base_worst = sorted((sign * base["min"], sign * base["max"]))
+    return "better" if worst < base_best else "worse" if best > base_worst else "within the spread"
+
+
 def study_summary(rows: Sequence[dict]) -> list[dict]:
-    """One entry per setting (rows grouped by run name, in first-seen order): its label, its seeds
-    and the spread of each STUDY_METRICS metric over them."""
+    """One entry per setting (rows grouped by run name, in first-seen order; the first is the
+    baseline): its label, its seeds, the spread of each STUDY_METRICS metric over them, and per
+    JUDGED metric how its seeds compare with the baseline's (``versus``; None for the baseline)."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["name"], []).append(r)
-    return [{"name": name, "setting": rs[0]["setting"], "seeds": [r["seed"] for r in rs],
-             "metrics": {key: spread([r[key] for r in rs]) for key, _, _ in STUDY_METRICS}}
-            for name, rs in groups.items()]
+    out = [{"name": name, "setting": rs[0]["setting"], "seeds": [r["seed"] for r in rs],
+            "metrics": {key: spread([r[key] for r in rs]) for key, _, _ in STUDY_METRICS}}
+           for name, rs in groups.items()]
+    for k, g in enumerate(out):
+        g["versus"] = None if k == 0 else {key: versus(g["metrics"][key], out[0]["metrics"][key], low)
+                                           for key, _, low in JUDGED}
+    return out
 
 
 def _mean_std(m: dict, digits: int) -> str:
@@ -112,13 +134,18 @@ def study_table(summary: Sequence[dict], seeds: Sequence[int], real_fd: float, c
         _setup(cfg, f"training seeds {', '.join(map(str, seeds))} (classifier, real split, sampling noise and probe: "
                     f"seed {cfg.seed})"),
         "",
-        "| setting | n seeds | " + " | ".join(title for _, title, _ in STUDY_METRICS) + " |",
-        "|---|---|" + "---|" * len(STUDY_METRICS),
+        "| setting | n seeds | " + " | ".join(title for _, title, _ in STUDY_METRICS) + " | "
+        + " | ".join(f"{name} vs baseline" for _, name, _ in JUDGED) + " |",
+        "|---|---|" + "---|" * (len(STUDY_METRICS) + len(JUDGED)),
     ]
     for g in summary:
+        judged = [g["versus"][key] if g["versus"] else "(baseline)" for key, _, _ in JUDGED]
         lines.append(f"| {g['setting']} | {len(g['seeds'])} | "
-                     + " | ".join(_mean_std(g["metrics"][key], d) for key, _, d in STUDY_METRICS) + " |")
+                     + " | ".join(_mean_std(g["metrics"][key], d) for key, _, d in STUDY_METRICS) + " | "
+                     + " | ".join(judged) + " |")
     lines += ["", "Mean ± sample standard deviation over the seeds (min, max and each seed's value in results.json). "
+              "vs baseline: better = every seed of the setting beats every seed of the baseline, worse = every "
+              "seed is behind every baseline seed, within the spread = the ranges overlap (n/a: under 2 seeds). "
               "Gap: the Dispersive term minus its floor at the run's last log step (the trainer's "
               "dispersive/block_k/gap, mean over the regularised blocks; 0 = at the floor, where its gradient "
               "vanishes).", "",

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from engine.experiments.classifier import DigitClassifier, random_shift
-from engine.experiments.report import spread
+from engine.experiments.report import spread, study_summary, versus
 from engine.experiments.scoring import sample_noise_and_labels, term_gap
 from engine.experiments.settings import DispSetting, ToyConfig
 from engine.toy import main
@@ -120,6 +120,23 @@ def test_spread_and_term_gap():
     assert spread([4.0])["std"] is None and spread([None])["mean"] is None
     final = {"dispersive/block_0/gap": 0.5, "dispersive/block_3/gap": 1.5, "dispersive/block_3": -2.0}
     assert term_gap(final) == pytest.approx(1.0) and term_gap({"diffusion_loss": 0.3}) is None
+
+
+def test_versus_the_baseline_needs_every_seed_beyond_the_baseline_range():
+    base = spread([6.0, 6.5, 7.0])
+    assert versus(spread([5.0, 5.5, 5.9]), base, lower_is_better=True) == "better"
+    assert versus(spread([5.0, 5.5, 6.1]), base, lower_is_better=True) == "within the spread"  # 6.1 > 6.0
+    assert versus(spread([7.1, 9.0, 8.0]), base, lower_is_better=True) == "worse"
+    assert versus(spread([7.1, 9.0, 8.0]), base, lower_is_better=False) == "better"  # e.g. accuracy
+    assert versus(spread([5.0]), base, lower_is_better=True) == "n/a"  # one seed says nothing of the spread
+    assert versus(spread([5.0, 5.1]), spread([6.0]), lower_is_better=True) == "n/a"
+    rows = [{"name": n, "setting": n, "seed": k, "fd": fd, "class_acc": acc, "probe_ema_best": 0.5,
+             "diffusion_loss": 0.2, "term_gap": None}
+            for n, fds, accs in (("baseline", (6.0, 7.0), (0.90, 0.88)), ("a", (5.0, 5.5), (0.80, 0.95)))
+            for k, (fd, acc) in enumerate(zip(fds, accs))]
+    summary = study_summary(rows)
+    assert summary[0]["versus"] is None
+    assert summary[1]["versus"] == {"fd": "better", "class_acc": "within the spread"}
 
 
 def test_smoke_study_two_seeds_cached_then_one_seed_sweep(tmp_path, capsys, monkeypatch):
