@@ -154,6 +154,18 @@ def study_table(summary: Sequence[dict], seeds: Sequence[int], real_fd: float, c
     return "\n".join(lines)
 
 
+_SHORT = (("no Dispersive Loss", "baseline"), ("lambda ", "λ"), ("tau ", "τ"), ("blocks ", ""),
+          (", infonce_l2", ""), ("infonce_cosine", "cosine"), ("scale-invariant", "SI"))
+
+
+def short_label(setting: str) -> str:
+    """A setting's description (DispSetting.describe) short enough for an axis tick:
+    "lambda 0.25, tau 0.5, blocks all, infonce_l2, scale-invariant" -> "λ0.25, τ0.5, all, SI"."""
+    for long, short in _SHORT:
+        setting = setting.replace(long, short)
+    return setting
+
+
 def study_png(path: Path, summary: Sequence[dict], title: str = "") -> Path:
     """FD and class accuracy per setting (two panels): each seed a point (one colour per seed), a
     tick at the mean, and the first setting's (the baseline's) min..max over seeds shaded across
@@ -181,7 +193,7 @@ def study_png(path: Path, summary: Sequence[dict], title: str = "") -> Path:
             if m["mean"] is not None:
                 ax.plot([i - 0.3, i + 0.3], [m["mean"]] * 2, color="k", linewidth=1.5, zorder=2,
                         label="mean over seeds" if i == 0 else None)
-        ax.set_xticks(range(len(summary)), [g["name"].removeprefix("disp_") for g in summary], rotation=35,
+        ax.set_xticks(range(len(summary)), [short_label(g["setting"]) for g in summary], rotation=35,
                       ha="right", fontsize="small")
         ax.set_title(name)
         ax.ticklabel_format(axis="y", useOffset=False)

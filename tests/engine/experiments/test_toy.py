@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from engine.experiments.classifier import DigitClassifier, random_shift
-from engine.experiments.report import spread, study_summary, versus
+from engine.experiments.report import short_label, spread, study_summary, versus
 from engine.experiments.scoring import sample_noise_and_labels, term_gap
 from engine.experiments.settings import DispSetting, ToyConfig
 from engine.toy import main
@@ -136,6 +136,9 @@ def test_versus_the_baseline_needs_every_seed_beyond_the_baseline_range():
             for k, (fd, acc) in enumerate(zip(fds, accs))]
     summary = study_summary(rows)
     assert summary[0]["versus"] is None
+    ticks = [short_label(d.describe()) for d in DispSetting.study()]  # study.png's axis: short and distinct
+    assert len(set(ticks)) == len(ticks) and max(map(len, ticks)) <= 24
+    assert ticks[2] == "λ0.25, τ0.25, last, SI" and short_label("no Dispersive Loss") == "baseline"
     assert summary[1]["versus"] == {"fd": "better", "class_acc": "within the spread"}
 
 
