@@ -401,13 +401,16 @@ class Trainer:
 
     def _summary(self, last: dict[str, float], grid: Path | None, by_signal: bool) -> dict[str, Any]:
         latest = self.checkpoints.dir.latest()
+        records = [json.loads(line) for line in open(self.out / "metrics.jsonl")] \
+            if self.is_main and (self.out / "metrics.jsonl").exists() else []
+        if not last and records and records[-1]["step"] == self.step:
+            # a launch that resumed at max_steps ran no step: its final logs are the last logged ones
+            last = {k: v for k, v in records[-1].items() if k != "step"}
         summary = {"step": self.step, "stopped_by_signal": by_signal, "skipped_steps": self.skipped,
                    "final": last, "checkpoint": str(latest) if latest else None,
                    "release_checkpoint": str(self.checkpoints.dir.release_path(self.step)),
                    "sample_grid": str(grid) if grid else None}
         if self.is_main:
-            records = [json.loads(line) for line in open(self.out / "metrics.jsonl")] \
-                if (self.out / "metrics.jsonl").exists() else []
             speeds = [r["images_per_s"] for r in records[1:]] or [r["images_per_s"] for r in records]
             summary["images_per_s"] = float(np.median(speeds)) if speeds else None
             with open(self.out / "summary.json", "w") as f:

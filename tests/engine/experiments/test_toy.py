@@ -272,6 +272,13 @@ def test_a_cut_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, capsy
     a, b = (torch.load(r.checkpoint, weights_only=True) for r in (straight, resumed))
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
     assert json.loads((resumed.path / "toy_run.json").read_text())["resumed"] is True
+    # Cut after its final save, before its record: the next call resumes at the last step, runs
+    # no step, and still reports the run's final logs (the term's state the study tabulates).
+    (resumed.path / "toy_run.json").unlink()
+    again = runs.train_run(tmp_path / "cut", cfg, None)
+    assert resumed.final.items() <= again.final.items() and "diffusion_loss" in again.final  # (+ rates, timings)
+    c = torch.load(again.checkpoint, weights_only=True)
+    assert all(torch.equal(a["ema"][k], c["ema"][k]) for k in a["ema"])
     # Another command line in the same folder is a new run: the cut one is not resumed.
     monkeypatch.setenv("DISPERSIVE_FAULT_KILL_IN_SAVE", "6")
     with pytest.raises(RuntimeError):
