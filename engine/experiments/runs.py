@@ -14,6 +14,7 @@ from pathlib import Path
 
 from engine.config.paths import REPO_ROOT
 from engine.experiments.settings import DispSetting, ToyConfig, log
+from engine.training.checkpoint import CheckpointDir
 
 SAVE_EVERY = 250
 """Steps between a run's checkpoints. Launch-only: not part of the run's key (the saved command
@@ -57,8 +58,12 @@ def train_run(root: Path, cfg: ToyConfig, disp: DispSetting | None, seed: int | 
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / "build" / "cache" / "torch_extensions"))
     env.setdefault("TRITON_CACHE_DIR", str(REPO_ROOT / "build" / "cache" / "triton"))
     env["PYTHONUNBUFFERED"] = "1"
-    what = "resuming" if resuming else "training"
-    log(f"{what} {path.name}: {cfg.steps} steps ({disp.describe() if disp else 'no Dispersive Loss'}); "
+    saved_steps = CheckpointDir(path / "checkpoints").steps() if resuming else []
+    # What --resume auto will do: the latest complete save, or step 0 if the cut came before the first.
+    what = (f"resuming {path.name} at step {saved_steps[-1]}" if saved_steps else
+            f"relaunching {path.name} (cut before its first checkpoint: from step 0)" if resuming else
+            f"training {path.name}")
+    log(f"{what}: {cfg.steps} steps ({disp.describe() if disp else 'no Dispersive Loss'}); "
         f"log in {path / 'train.log'}")
     # The key's flags, then the launch's: argparse keeps the last --ckpt-every.
     cmd = [sys.executable, str(REPO_ROOT / "engine" / "train.py"), *argv,

@@ -266,7 +266,7 @@ def test_a_cut_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, capsy
     monkeypatch.delenv("DISPERSIVE_FAULT_KILL_IN_SAVE")
     capsys.readouterr()
     resumed = runs.train_run(tmp_path / "cut", cfg, None)
-    assert "[toy] resuming baseline_s8_d2_h32_p4" in capsys.readouterr().out
+    assert "[toy] resuming baseline_s8_d2_h32_p4 at step 4:" in capsys.readouterr().out
     log = (resumed.path / "train.log").read_text()
     assert "resumed from" in log and "at step 4" in log and log.count("[train] model") == 2  # one log, both launches
     a, b = (torch.load(r.checkpoint, weights_only=True) for r in (straight, resumed))
@@ -279,11 +279,20 @@ def test_a_cut_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, capsy
     assert resumed.final.items() <= again.final.items() and "diffusion_loss" in again.final  # (+ rates, timings)
     c = torch.load(again.checkpoint, weights_only=True)
     assert all(torch.equal(a["ema"][k], c["ema"][k]) for k in a["ema"])
-    # Another command line in the same folder is a new run: the cut one is not resumed.
-    monkeypatch.setenv("DISPERSIVE_FAULT_KILL_IN_SAVE", "6")
+    # Cut in its first save: the relaunch says it starts again from step 0 (it has nothing to resume).
+    monkeypatch.setenv("DISPERSIVE_FAULT_KILL_IN_SAVE", "2")
     with pytest.raises(RuntimeError):
         runs.train_run(tmp_path / "other", cfg, None)
     monkeypatch.delenv("DISPERSIVE_FAULT_KILL_IN_SAVE")
+    capsys.readouterr()
+    early = runs.train_run(tmp_path / "other", cfg, None)
+    assert "[toy] relaunching baseline_s8_d2_h32_p4 (cut before its first checkpoint: from step 0)" in \
+        capsys.readouterr().out
+    assert "resumed from" not in (early.path / "train.log").read_text()
+    d = torch.load(early.checkpoint, weights_only=True)
+    assert all(torch.equal(a["ema"][k], d["ema"][k]) for k in a["ema"])
+    # Another command line in the same folder is a new run: the cut one is not resumed.
+    (early.path / "toy_run.json").unlink()
     other = ToyConfig.smoke(steps=8, lr=2e-3)
     capsys.readouterr()
     runs.train_run(tmp_path / "other", other, None)
