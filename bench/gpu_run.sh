@@ -29,7 +29,9 @@ stage() {  # stage NAME SECONDS COMMAND...: log in OUT/NAME.log, its tail on std
 }
 
 stage env 20 bash -c "nvidia-smi; $PY -c 'import torch, triton, sys; print(sys.version); print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'"
-stage kernel_tests 100 $PY -m pytest tests/kernels/test_fused.py -q -p no:cacheprovider -n 6 -rfE
+# 6 processes if pytest-xdist is there (a bare GPU machine may lack it; then one, slower).
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 6")
+stage kernel_tests 100 $PY -m pytest tests/kernels/test_fused.py -q -p no:cacheprovider $XDIST -rfE
 stage launch_overhead 40 $PY -m bench.launch_overhead
 stage bench_dispersive 130 $PY -m pytest bench/test_dispersive_bench.py -q -p no:cacheprovider \
     -k "${DISPERSIVE_K:-not torch_compile and not gram_speedup_bar}" \

@@ -1,6 +1,6 @@
 """Linear probes and dispersion statistics of a checkpoint's block outputs, for its raw and EMA weights.
 
-    python -m engine.probe --ckpt runs/toy/runs/disp/checkpoints/0000600.pt --data digits --t 0.5
+    python -m engine.probe --ckpt runs/toy/runs/<run>/checkpoints/0002000.pt --data digits --t 0.5
 
 The library is engine/evaluation/probe.py (``probe_checkpoint``; its docstring says what is
 measured and why the model is given its null label by default).
