@@ -31,6 +31,8 @@ class TrainedRun:
     reused: bool
     seed: int
     """The training seed."""
+    resumed: bool = False
+    """This launch continued a cut run (``seconds`` then covers only the steps it trained)."""
 
 
 def train_run(root: Path, cfg: ToyConfig, disp: DispSetting | None, seed: int | None = None) -> TrainedRun:
@@ -80,4 +82,4 @@ def train_run(root: Path, cfg: ToyConfig, disp: DispSetting | None, seed: int | 
     # seconds: this launch's (a resumed run's earlier launches were cut before they could say)
     stamp.write_text(json.dumps({"argv": argv, "seconds": seconds, "resumed": resuming, "final": final}, indent=2))
     log(f"trained {path.name} in {seconds:.0f} s" + (" (this launch; resumed)" if resuming else ""))
-    return TrainedRun(name, path, ckpt, seconds, final, False, seed)
+    return TrainedRun(name, path, ckpt, seconds, final, False, seed, resuming)

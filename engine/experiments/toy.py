@@ -154,14 +154,16 @@ def run_study(root: Path, cfg: ToyConfig, settings: Sequence[DispSetting], seeds
     seed_list = [cfg.seed + k for k in range(seeds)]
     jobs = [(disp, seed) for seed in seed_list for disp in (None, *settings)]
     rows: list[dict] = []
-    spent: list[float] = []  # wall time of each (setting, seed) trained by this command
+    # Wall time of each (setting, seed) this command trained from step 0: a resumed launch's
+    # share of a run would make the estimate too short.
+    spent: list[float] = []
     for k, (disp, seed) in enumerate(jobs, 1):
         left = f"; about {_duration(statistics.fmean(spent) * (len(jobs) - k + 1))} left" if spent else ""
         log(f"study run {k} of {len(jobs)}: {disp.describe() if disp else 'no Dispersive Loss'}, seed {seed}{left}")
         start = time.perf_counter()
         run = train_run(root, cfg, disp, seed)
         m, _ = evaluate_run(run, disp, cfg, shared.real, shared.net, shared.ref_stats, shared.noise, shared.labels)
-        if not run.reused:
+        if not run.reused and not run.resumed:
             spent.append(time.perf_counter() - start)
         rows.append({**asdict(m), "seed": seed, "term_gap": term_gap(run.final), "path": str(run.path)})
         result = _study_report(root, cfg, settings, seed_list, shared, rows, len(jobs), t0, quiet=k < len(jobs))

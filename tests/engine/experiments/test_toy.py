@@ -1,6 +1,7 @@
 """The toy reproduction harness (engine.toy): pieces, and one --smoke run end to end."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -162,13 +163,26 @@ def test_smoke_study_two_seeds_cached_then_one_seed_sweep(tmp_path, capsys, monk
     assert (partial["finished"], partial["jobs"], len(partial["runs"])) == (2, 6, 2)
     assert "(2 of 6 runs finished)" in (out / "results.md").read_text() and (out / "study.png").is_file()
     assert [g["seeds"] for g in partial["summary"]] == [[0], [0]]
-    monkeypatch.setattr(toy, "train_run", train_run)
+    # The relaunch's first trained run stands in for a resumed one: a launch that trained only the
+    # last steps of a run must not shorten the estimate, so the next line has none.
+    trained: list[str] = []
+
+    def first_as_resumed(*args, **kwargs):
+        run = train_run(*args, **kwargs)
+        if run.reused:
+            return run
+        trained.append(run.name)
+        return dataclasses.replace(run, resumed=True) if len(trained) == 1 else run
+
+    monkeypatch.setattr(toy, "train_run", first_as_resumed)
     capsys.readouterr()
     result = main(argv)
     log = capsys.readouterr().out
     assert "study run 1 of 6: no Dispersive Loss, seed 0" in log and "study run 6 of 6" in log
     assert log.count("reusing") == 2 and "runs finished" not in (out / "results.md").read_text()
-    assert "left" in log  # a time estimate once a run has finished
+    lines = {line.split(":")[0]: line for line in log.splitlines() if "study run" in line}
+    assert "left" not in lines["[toy] study run 4 of 6"]  # only a resumed launch so far
+    assert "left" in lines["[toy] study run 5 of 6"]  # a time estimate once a run has trained from step 0
     saved = json.loads((out / "results.json").read_text())
     assert saved["finished"] == saved["jobs"] == 6
     assert saved["seeds"] == [0, 1] and [r["seed"] for r in saved["runs"]] == [0, 0, 0, 1, 1, 1]
