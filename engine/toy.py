@@ -7,7 +7,7 @@
     python -m engine.toy sweep --study --seeds 3 --out runs/study
         # issue 17's study (DispSetting.study: release, paper, scale-invariant InfoNCE-L2 at tau 0.25 /
         # 0.5 / 1 on the last and on all blocks, cosine) and the baseline at training seeds 0, 1, 2:
-        # 30 runs (~8 h on 2 cores); per setting mean ± std over seeds in results.md, min, max and
+        # 30 runs (~7 h on 2 cores); per setting mean ± std over seeds in results.md, min, max and
         # every value in results.json, study.png; rerun to resume (finished runs are reused)
     python -m engine.toy score RUN_DIR                   # FD and class accuracy of a digits run's EMA samples
 
