@@ -150,7 +150,8 @@ class TrainConfig:
     results_dir: str = "runs/train"
     """Where checkpoints, samples, logs and the summary go."""
     ckpt_every: int = 50_000
-    """Checkpoint every this many steps (and always at the end)."""
+    """Checkpoint every this many steps and at the end; 0 writes no checkpoint at all (a smoke test:
+    sit_xl's checkpoint at the end is ~15 GB on disk, and such a run cannot be resumed)."""
     keep_last_k: int = 3
     """Keep only the newest k checkpoints (0 keeps all)."""
     resume: str | None = None
@@ -180,10 +181,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         owner = "TrainConfig"
         literals(self)
-        for name in ("global_batch", "max_steps", "ckpt_every", "log_every", "sample_count", "sample_steps",
-                     "max_nonfinite"):
+        for name in ("global_batch", "max_steps", "log_every", "sample_count", "sample_steps", "max_nonfinite"):
             integer(owner, name, getattr(self, name), low=1)
-        for name in ("keep_last_k", "sample_every", "seed"):
+        for name in ("ckpt_every", "keep_last_k", "sample_every", "seed"):
             integer(owner, name, getattr(self, name), low=0)
         if self.micro_batch is not None:
             integer(owner, "micro_batch", self.micro_batch, low=1)

@@ -114,7 +114,11 @@ class Trainer:
         self.images_seen = 0
         self.nonfinite_run = 0
         self.skipped = 0
-        self._stop_signal = False
+        # SIGTERM/SIGINT only ever sets _signalled; _stop is what every rank agreed on. One flag
+        # for both loses a signal that lands while this rank waits in the agreeing all-reduce: the
+        # reduce's older answer overwrites it, and the run trains on until the launcher kills it.
+        self._signalled = False
+        self._stop = False
         # Fault injection (tests): from this step on every loss is non-finite.
         self._nan_from = int(os.environ.get("DISPERSIVE_FAULT_NAN_FROM_STEP", "0")) or None
         self.timer = PhaseTimer(self.device)
@@ -154,7 +158,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _on_signal(self, signum, frame) -> None:
-        self._stop_signal = True
+        self._signalled = True
 
     def _micro_step(self, batch, diagnostics: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y, valid = batch["x"], batch["y"], batch["valid"]
@@ -177,9 +181,9 @@ class Trainer:
                 loss = loss * math.nan
             # One tiny all-reduce per micro-batch (a host sync): every rank must agree on
             # skipping, and on stopping after SIGTERM, or the collectives would desynchronise.
-            stop = self._stop_signal or (self.is_main and (self.out / STOP_FILE).exists())
+            stop = self._signalled or (self.is_main and (self.out / STOP_FILE).exists())
             flags = any_true(torch.stack([~torch.isfinite(loss.detach()).cpu(), torch.tensor(stop)]))
-            bad, self._stop_signal = bool(flags[0]), bool(flags[1])
+            bad, self._stop = bool(flags[0]), bool(flags[1])
             bad_any |= bad
             if bad and self.accum == 1:
                 break  # skip backward and the optimizer step: the weights stay as they were
@@ -243,11 +247,13 @@ class Trainer:
             last, stopped_by_signal = self._loop(bar)
         finally:  # an error's one line then starts a line of its own
             bar.close()
-        self.save()
+        if cfg.ckpt_every:
+            self.save()
         if stopped_by_signal and self.is_main and (self.out / STOP_FILE).exists():
             (self.out / STOP_FILE).unlink()  # honoured: a resume must not stop at once
             print(f"[train] stopped at step {self.step} by {self.out / STOP_FILE} (removed); "
-                  "--resume auto continues from here", flush=True)
+                  + ("--resume auto continues from here" if cfg.ckpt_every else
+                     "no checkpoint written (--ckpt-every 0)"), flush=True)
         grid = self.sample_grid()
         summary = self._summary(last, grid, stopped_by_signal)
         self._finish_metrics()
@@ -281,10 +287,10 @@ class Trainer:
                     window_start, window_images = time.perf_counter(), 0
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
                     self.sample_grid()
-                if self._stop_signal:
+                if self._stop:
                     stopped_by_signal = True
                     break
-                if self.step % cfg.ckpt_every == 0 and self.step < cfg.max_steps:
+                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.max_steps:
                     self.save()
         finally:
             if profiler is not None:
@@ -330,6 +336,8 @@ class Trainer:
                 if d.enabled else "off")
         print(f"[train] dispersive loss: {disp}; results in {self.out}" +
               (f"; resumed from {resume} at step {self.step}" if resume else ""), flush=True)
+        if not self.cfg.ckpt_every:
+            print("[train] --ckpt-every 0: no checkpoint will be written, so this run cannot be resumed", flush=True)
 
     def _log(self, logs: dict[str, float], images_per_s: float, phases: dict[str, float], bar) -> None:
         tflops = images_per_s * self.flops_per_image / 1e12
@@ -408,7 +416,8 @@ class Trainer:
             last = {k: v for k, v in records[-1].items() if k != "step"}
         summary = {"step": self.step, "stopped_by_signal": by_signal, "skipped_steps": self.skipped,
                    "final": last, "checkpoint": str(latest) if latest else None,
-                   "release_checkpoint": str(self.checkpoints.dir.release_path(self.step)),
+                   "release_checkpoint": str(self.checkpoints.dir.release_path(self.step)) if self.cfg.ckpt_every
+                   else None,
                    "sample_grid": str(grid) if grid else None}
         if self.is_main:
             speeds = [r["images_per_s"] for r in records[1:]] or [r["images_per_s"] for r in records]
@@ -418,6 +427,7 @@ class Trainer:
             print(f"[train] done at step {self.step}: diffusion loss {last.get('diffusion_loss', math.nan):.5f}, "
                   f"dispersive {last.get('dispersive_total', 0.0):.5f}, "
                   f"{summary['images_per_s'] or math.nan:.1f} images/s (median over log windows)", flush=True)
-            print(f"[train] checkpoint: {summary['release_checkpoint']} (DeepSpeed: {summary['checkpoint']})")
+            print(f"[train] checkpoint: {summary['release_checkpoint']} (DeepSpeed: {summary['checkpoint']})"
+                  if self.cfg.ckpt_every else "[train] checkpoint: none written (--ckpt-every 0)")
             print(f"[train] sample grid: {summary['sample_grid']}", flush=True)
         return summary

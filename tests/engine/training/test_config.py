@@ -54,6 +54,7 @@ def test_config_file_round_trip(tmp_path):
     (["--timeout-minutes", "0"], "TrainConfig.timeout_minutes must be a finite number > 0, got 0.0"),
     (["--timeout-minutes", "-1"], "TrainConfig.timeout_minutes must be a finite number > 0, got -1.0"),
     (["--max-steps", "0"], "TrainConfig.max_steps must be an int >= 1, got 0"),
+    (["--ckpt-every", "-1"], "TrainConfig.ckpt_every must be an int >= 0, got -1"),
     (["--model", "dit_s", "--objective", "meanflow"], "'meanflow' needs a SiT"),
     (["--global-batch", "10", "--micro-batch", "4"], "not divisible"),
     (["--data", "/nonexistent/latents"], "no latent dataset"),

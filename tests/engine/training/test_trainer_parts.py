@@ -70,3 +70,51 @@ def test_sit_objective_trains_a_bf16_model_on_fp32_data():
     out["loss"].backward()
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
     assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters() if p.requires_grad)
+
+
+class _Engine:
+    """What train_step touches of a DeepSpeed engine, for one rank and no process group."""
+    skipped_steps = 0
+
+    def backward(self, loss):
+        pass
+
+    def step(self):
+        pass
+
+    def get_global_grad_norm(self):
+        return 1.0
+
+    def get_lr(self):
+        return [1e-4]
+
+
+def test_a_signal_during_the_stop_vote_is_not_lost(monkeypatch, tmp_path):
+    """SIGTERM handled while this rank waits in the all-reduce that agrees on stopping: that
+    reduce answers 'go on' (the vote was cast before), and the next step's vote must carry the
+    signal; it once overwrote it, and the run trained on until the launcher's SIGKILL."""
+    import engine.training.trainer as trainer_module
+    from engine.distributed import any_true
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = parse(["--global-batch", "4"])
+    trainer.timer = PhaseTimer(torch.device("cpu"))
+    trainer.engine, trainer.accum, trainer.is_main, trainer.out, trainer.gather = _Engine(), 1, True, tmp_path, False
+    trainer.ema = type("EMA", (), {"update": lambda *args: None})()
+    trainer.step = trainer.images_seen = trainer.skipped = trainer.nonfinite_run = 0
+    trainer._nan_from, trainer._signalled, trainer._stop = None, False, False
+    trainer._micro_step = lambda batch, diagnostics=False: (torch.tensor(1.0), {"loss": torch.tensor(1.0)})
+    votes = []
+
+    def reduce_then_signal(flags):
+        votes.append(bool(flags[1]))
+        if len(votes) == 1:
+            trainer._on_signal(15, None)  # the handler runs as the reduce returns
+        return any_true(flags)
+
+    monkeypatch.setattr(trainer_module, "any_true", reduce_then_signal)
+    batches = iter([{}] * 2)
+    trainer.train_step(batches)
+    assert votes == [False] and trainer._stop is False  # the step that was under way completes
+    trainer.train_step(batches)
+    assert votes == [False, True] and trainer._stop is True
