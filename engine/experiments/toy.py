@@ -192,6 +192,8 @@ def score_run_dir(run_dir: Path, cfg: ToyConfig, cache: Path) -> dict:
     if not summary_path.exists():
         raise FileNotFoundError(f"{summary_path}: not a finished run of engine/train.py (no summary.json)")
     summary = json.loads(summary_path.read_text())
+    if summary["release_checkpoint"] is None:
+        raise FileNotFoundError(f"{run_dir}: trained with --ckpt-every 0, so there is no checkpoint to score")
     checkpoint = Path(summary["release_checkpoint"])
     if not checkpoint.exists():
         raise FileNotFoundError(f"{checkpoint}: the run's final checkpoint is missing")

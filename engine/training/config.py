@@ -150,8 +150,8 @@ class TrainConfig:
     results_dir: str = "runs/train"
     """Where checkpoints, samples, logs and the summary go."""
     ckpt_every: int = 50_000
-    """Checkpoint every this many steps and at the end; 0 writes no checkpoint at all (a smoke test:
-    sit_xl's checkpoint at the end is ~15 GB on disk, and such a run cannot be resumed)."""
+    """Checkpoint every this many steps and at the end; 0 writes none at all (a smoke test:
+    sit_xl's checkpoint at the end is ~15 GB on disk; --resume auto can only go back to an older one)."""
     keep_last_k: int = 3
     """Keep only the newest k checkpoints (0 keeps all)."""
     resume: str | None = None

@@ -44,7 +44,7 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
 
-STOP_FILE = "STOP"  # touch RESULTS_DIR/STOP: the run saves and exits 0 at the next step
+STOP_FILE = "STOP"  # touch RESULTS_DIR/STOP: the run saves (unless --ckpt-every 0) and exits 0 at the next step
 
 
 def describe_data(data: DataSection, path: Path, shape: str) -> str:
@@ -337,7 +337,9 @@ class Trainer:
         print(f"[train] dispersive loss: {disp}; results in {self.out}" +
               (f"; resumed from {resume} at step {self.step}" if resume else ""), flush=True)
         if not self.cfg.ckpt_every:
-            print("[train] --ckpt-every 0: no checkpoint will be written, so this run cannot be resumed", flush=True)
+            older = self.checkpoints.dir.latest()
+            print("[train] --ckpt-every 0: no checkpoint will be written, so " +
+                  (f"--resume auto would go back to {older}" if older else "this run cannot be resumed"), flush=True)
 
     def _log(self, logs: dict[str, float], images_per_s: float, phases: dict[str, float], bar) -> None:
         tflops = images_per_s * self.flops_per_image / 1e12
@@ -428,6 +430,7 @@ class Trainer:
                   f"dispersive {last.get('dispersive_total', 0.0):.5f}, "
                   f"{summary['images_per_s'] or math.nan:.1f} images/s (median over log windows)", flush=True)
             print(f"[train] checkpoint: {summary['release_checkpoint']} (DeepSpeed: {summary['checkpoint']})"
-                  if self.cfg.ckpt_every else "[train] checkpoint: none written (--ckpt-every 0)")
+                  if self.cfg.ckpt_every else "[train] checkpoint: none written (--ckpt-every 0)"
+                  + (f"; the latest on disk is {latest} (an earlier launch's)" if latest else ""))
             print(f"[train] sample grid: {summary['sample_grid']}", flush=True)
         return summary

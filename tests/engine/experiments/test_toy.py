@@ -265,6 +265,14 @@ def test_score_command_on_a_finished_train_run(tmp_path):
     assert missing.returncode == 2 and "no summary.json" in missing.stderr and "Traceback" not in missing.stderr
 
 
+def test_score_names_a_run_trained_without_checkpoints(tmp_path):
+    from engine.experiments.toy import score_run_dir
+
+    (tmp_path / "summary.json").write_text(json.dumps({"step": 2, "release_checkpoint": None}))
+    with pytest.raises(FileNotFoundError, match="trained with --ckpt-every 0, so there is no checkpoint"):
+        score_run_dir(tmp_path, ToyConfig.smoke(), tmp_path / "cache")
+
+
 def test_a_cut_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, capsys):
     """A run killed mid-way (here: in its save of step 6) is resumed from step 4 by the next call with
     the same command line, and ends bit-identical to a run that was never cut."""
